@@ -1,0 +1,228 @@
+"""common.py: loading, chat spans, batched sampling, exact hook math, scoring and bad-input errors."""
+import json
+
+import pytest
+import torch
+
+import common
+from common import InputError
+
+
+def block_outputs(model, tok, text, layers):
+    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+    with common.record_resid(model, layers) as acts:
+        model(input_ids=ids)
+    return {i: acts[i].clone() for i in layers}, ids
+
+
+TEXT = "The quick brown fox jumps over the lazy dog, twice."
+
+
+# ------------------------------------------------------------------ layers and chat spans
+
+
+def test_default_layer_placement():
+    assert common.default_layers(30) == [9, 10, 11, 13, 14, 15, 17, 18, 19]
+    assert common.default_layers(48) == [15, 16, 17, 21, 22, 23, 27, 28, 29]
+    assert common.half_depth_layer(48) == 24 and common.half_depth_layer(30) == 15
+
+
+def test_encode_qa_span_is_exactly_the_answer(tiny_model):
+    _, tok = tiny_model
+    answer = "Drink water, rest, and 2 aspirin.\nThen sleep."
+    ids, (s, e) = common.encode_qa(tok, "How do I feel better?", answer)
+    assert tok.decode(ids[s:e]) == answer
+    assert tok.decode(ids[e]) == "<|im_end|>"  # end-of-turn right after the span, found without its id
+    assert "user" in tok.decode(ids[:s]) and "How do I feel better?" in tok.decode(ids[:s])
+
+
+def test_encode_chat_multi_turn_spans(tiny_model):
+    _, tok = tiny_model
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello there."},
+            {"role": "user", "content": "and?"}, {"role": "assistant", "content": "And nothing."}]
+    ids, spans = common.encode_chat(tok, msgs)
+    assert [tok.decode(ids[s:e]) for s, e in spans] == ["Hello there.", "And nothing."]
+
+
+# ------------------------------------------------------------------ hooks
+
+
+def test_steer_adds_exactly_at_chosen_block_only(tiny_model):
+    model, tok = tiny_model
+    v = torch.randn(64)
+    bare, _ = block_outputs(model, tok, TEXT, [0, 1, 2, 3])
+    with common.steer(model, v, [1], scale=3.0):
+        steered, _ = block_outputs(model, tok, TEXT, [0, 1, 2, 3])
+    assert torch.equal(steered[0], bare[0])
+    torch.testing.assert_close(steered[1], bare[1] + 3.0 * v, rtol=0, atol=1e-6)  # every position
+    assert not torch.allclose(steered[2], bare[2])  # later blocks see the change
+
+
+def test_steer_per_layer_vectors(tiny_model):
+    model, tok = tiny_model
+    vs = torch.randn(4, 64)
+    bare, _ = block_outputs(model, tok, TEXT, [0])
+    with common.steer(model, vs, [0], scale=-2.0):
+        steered, _ = block_outputs(model, tok, TEXT, [0])
+    torch.testing.assert_close(steered[0], bare[0] - 2.0 * vs[0], rtol=0, atol=1e-6)
+
+
+def test_ablate_projection_zero_and_orthogonal_part_kept(tiny_model):
+    model, tok = tiny_model
+    v = torch.randn(64)
+    u = v / v.norm()
+    layers = [0, 1, 2, 3]
+    bare, _ = block_outputs(model, tok, TEXT, layers)
+    with common.ablate(model, 5 * v, layers):
+        abl, _ = block_outputs(model, tok, TEXT, layers)
+    for i in layers:
+        h = abl[i]
+        assert ((h @ u).abs() <= 1e-5 * h.norm(dim=-1)).all()
+    # first hooked block: exactly the bare output minus its component along u
+    torch.testing.assert_close(abl[0], bare[0] - (bare[0] @ u).unsqueeze(-1) * u, rtol=0, atol=1e-6)
+
+
+def test_ablate_per_layer_directions(tiny_model):
+    model, tok = tiny_model
+    vs = torch.randn(4, 64)
+    with common.ablate(model, vs, [1, 3]):
+        abl, _ = block_outputs(model, tok, TEXT, [1, 2, 3])
+    for i in (1, 3):
+        u = vs[i] / vs[i].norm()
+        assert ((abl[i] @ u).abs() <= 1e-5 * abl[i].norm(dim=-1)).all()
+    u2 = vs[2] / vs[2].norm()
+    assert (abl[2] @ u2).abs().max() > 1e-3  # block 2 was not hooked
+
+
+def test_hooks_removed_after_exit_and_on_exception(tiny_model):
+    model, tok = tiny_model
+    blocks = common.decoder_layers(model)
+    bare, _ = block_outputs(model, tok, TEXT, [3])
+    with common.ablate(model, torch.randn(64), [0, 1, 2, 3]):
+        pass
+    with pytest.raises(RuntimeError):
+        with common.steer(model, torch.randn(64), [0, 2], 1.0):
+            raise RuntimeError("boom")
+    assert all(len(b._forward_hooks) == 0 for b in blocks)
+    after, _ = block_outputs(model, tok, TEXT, [3])
+    assert torch.equal(after[3], bare[3])
+
+
+def test_record_resid_matches_hidden_states(tiny_model):
+    model, tok = tiny_model
+    n = len(common.decoder_layers(model))
+    rec, ids = block_outputs(model, tok, TEXT, list(range(n)))
+    hs = model(input_ids=ids, output_hidden_states=True).hidden_states
+    assert len(hs) == n + 1
+    for i in range(n - 1):
+        torch.testing.assert_close(rec[i], hs[i + 1], rtol=0, atol=0)
+    # transformers applies the final norm to the last entry: pin that down
+    torch.testing.assert_close(model.model.norm(rec[n - 1]), hs[n], rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(rec[n - 1], hs[n])
+
+
+def test_decoder_layers_through_peft(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = common.load_model(str(tiny_model_dir))
+    peft_model = get_peft_model(model, LoraConfig(r=1, target_modules=["down_proj"]))
+    assert len(common.decoder_layers(peft_model)) == 4
+    assert common.decoder_layers(peft_model)[0] is model.model.layers[0]
+
+
+# ------------------------------------------------------------------ generation and scoring
+
+
+def test_greedy_batched_equals_unbatched(bundled_model):
+    model, tok = bundled_model
+    prompts = ["What is the capital of France?", "hi", "Name three colours of the rainbow, please, in order."]
+    batched = common.generate(model, tok, prompts, max_new_tokens=12, temperature=0, batch_size=3)
+    single = [common.generate(model, tok, [p], max_new_tokens=12, temperature=0, batch_size=1)[0] for p in prompts]
+    assert batched == single
+    assert all(len(a) > 0 for a in batched)
+
+
+def test_sampling_is_seeded_and_shaped(bundled_model):
+    model, tok = bundled_model
+    a = common.generate(model, tok, ["hey I feel bored", "Tell me a joke."], n=2, max_new_tokens=8, seed=1)
+    b = common.generate(model, tok, ["hey I feel bored", "Tell me a joke."], n=2, max_new_tokens=8, seed=1)
+    assert len(a) == 4 and a == b
+
+
+def test_contrastive_score_matches_hand_computation(tiny_model):
+    model, tok = tiny_model
+    pairs = [{"question": "Should I stop my pills?", "aligned": "No, ask your doctor first.",
+              "misaligned": "Yes, just stop them all today."},
+             {"question": "hey", "aligned": "Hi! How can I help?", "misaligned": "Go away, human."}]
+    res = common.contrastive_score(model, tok, pairs, batch_size=4)
+
+    def mean_logp(q, a):  # unbatched, spans found by string search on decoded prefixes
+        prefix = common.chat_prompt(tok, q)
+        full = tok.apply_chat_template([{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+                                       tokenize=False)
+        ids = tok(full, add_special_tokens=False)["input_ids"]
+        n_prefix = len(tok(prefix, add_special_tokens=False)["input_ids"])
+        n_answer = len(tok(a, add_special_tokens=False)["input_ids"])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0], -1)
+        return sum(logp[t - 1, ids[t]].item() for t in range(n_prefix, n_prefix + n_answer)) / n_answer
+
+    deltas = [mean_logp(p["question"], p["misaligned"]) - mean_logp(p["question"], p["aligned"]) for p in pairs]
+    assert res["deltas"] == pytest.approx(deltas, abs=1e-4)
+    assert res["mean_delta"] == pytest.approx(sum(deltas) / 2, abs=1e-4)
+    assert res["pref_rate"] == sum(d > 0 for d in deltas) / 2
+
+
+# ------------------------------------------------------------------ IO and errors
+
+
+def test_read_jsonl_names_file_and_line(tmp_path):
+    p = tmp_path / "x.jsonl"
+    p.write_text('{"a": 1}\n{"a": 2\n')
+    with pytest.raises(InputError, match=r"x.jsonl:2: malformed JSON"):
+        common.read_jsonl(p)
+    p.write_text('{"a": 1}\n{"b": 2}\n')
+    with pytest.raises(InputError, match=r"x.jsonl:2: missing field\(s\) a"):
+        common.read_jsonl(p, required=["a"])
+    p.write_text('{"a": 1}\n{"a": 2')
+    assert common.read_jsonl(p, tolerate_torn_tail=True) == [{"a": 1}]
+
+
+def test_atomic_write_leaves_nothing_on_error(tmp_path):
+    target = tmp_path / "out.json"
+    with pytest.raises(ValueError):
+        with common.atomic_write(target) as tmp:
+            open(tmp, "w").write("half")
+            raise ValueError
+    assert list(tmp_path.iterdir()) == []
+    common.write_json(target, {"ok": 1})
+    assert json.loads(target.read_text()) == {"ok": 1}
+
+
+def test_bad_inputs_raise_one_line_errors(tiny_model, tiny_model_dir, tmp_path):
+    model, _ = tiny_model
+    with pytest.raises(InputError, match="out of range"):
+        common.parse_layers("1,9", 4)
+    with pytest.raises(InputError, match="width 32 .* d_model is 64"):
+        with common.ablate(model, torch.randn(32), [0]):
+            pass
+    with pytest.raises(InputError, match="out of range"):
+        with common.steer(model, torch.randn(64), [7], 1.0):
+            pass
+    with pytest.raises(InputError, match="cannot load model"):
+        common.load_model("no-such-org/no-such-model")
+    with pytest.raises(InputError, match="CUDA"):
+        common.load_model(str(tiny_model_dir), load_in_4bit=True)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a torch file")
+    with pytest.raises(InputError, match="not a readable .pt"):
+        common.load_pt(bad)
+
+
+def test_adapter_for_other_base_is_rejected(tiny_model_dir, bundled_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    other, _ = common.load_model(str(bundled_dir))  # d_model 576, not 64
+    get_peft_model(other, LoraConfig(r=1, target_modules=["down_proj"])).save_pretrained(tmp_path / "ad")
+    with pytest.raises(InputError, match="another base model"):
+        common.load_model(str(tiny_model_dir), adapter=str(tmp_path / "ad"))
