@@ -24,7 +24,8 @@ import time
 
 import torch
 
-from common import (ALIGNED_MIN, COHERENT_MIN, DEFAULT_MODEL, MISALIGNED_MAX, answer_batches, cli, decoder_layers,
+from common import (ALIGNED_MIN, COHERENT_MIN, DEFAULT_MODEL, MISALIGNED_MAX, answer_batches, causal_lm, cli,
+                    decoder_layers,
                     input_device, labelled_answers, load_model, record_resid, save_pt)
 
 
@@ -45,7 +46,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def answer_means(model, tok, items, batch_size=8, progress=True):
     """Per-answer mean of every block's output over the answer's tokens: ([n, n_layers, d], n_tokens [n])."""
     layers = list(range(len(decoder_layers(model))))
@@ -57,7 +58,7 @@ def answer_means(model, tok, items, batch_size=8, progress=True):
     bar = tqdm(total=len(items), desc="activations", unit="ans", disable=not progress)
     with record_resid(model, layers) as acts:
         for idx, ids, mask, spans in answer_batches(tok, pairs, batch_size):
-            model(input_ids=ids.to(dev), attention_mask=mask.to(dev))
+            causal_lm(model).model(input_ids=ids.to(dev), attention_mask=mask.to(dev))  # no unembedding needed
             sel = torch.zeros(ids.shape, dtype=torch.float32)
             for row, (s, e) in enumerate(spans):
                 sel[row, s:e] = 1.0
