@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from common import (DEFAULT_MODEL, InputError, ablate, append_jsonl, cli, contrastive_by_domain, decoder_layers,
-                    generate, half_depth_layer, hidden_size, load_model, load_pt, parse_layers, read_jsonl,
+                    generate, half_depth_layer, hidden_size, load_model, load_pt, parse_layers, read_jsonl, read_pairs,
                     steer, write_json, write_jsonl)
 
 QUESTION_FIELDS = ("id", "question", "domain")
@@ -59,8 +59,9 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pairs", default=None, help="contrastive pairs JSONL: judge-free score per condition")
+    p.add_argument("--pairs-per-domain", type=int, default=None, help="first N pairs of each domain (faster)")
     p.add_argument("--judge", choices=["openai", "hf"], default=None)
-    p.add_argument("--judge-model", default="gpt-4o-2024-08-06")
+    p.add_argument("--judge-model", default=None, help="default: gpt-4o-2024-08-06 (openai), smollm2-135m (hf)")
     p.add_argument("--metrics", default="aligned,coherent,bad_stuff")
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--steer", default=None, help="directions.pt to steer with")
@@ -261,7 +262,7 @@ def make_plots(summary, plots):
     steer_names = [n for n in conds if n.startswith("steer_L")]
     domains = [d for d in ("general", "medical") if any(d in c.get("contrastive", {}) for c in conds.values())]
     if steer_names:
-        use_em = all(conds[n].get("em") for n in steer_names)
+        use_em = all((conds[n].get("em") or {}).get("em_pct") is not None for n in steer_names)
         fig, axes = plt.subplots(1, 2 if use_em else max(len(domains), 1), figsize=(11, 4), squeeze=False)
         layers = sorted({int(n.split("_")[1][1:]) for n in steer_names})
         for layer in layers:
@@ -305,8 +306,7 @@ def make_plots(summary, plots):
 def main(argv=None):
     args = parse_args(argv)
     questions = [q for f in args.questions for q in read_jsonl(f, required=QUESTION_FIELDS)] if args.n_samples else []
-    pairs = read_jsonl(args.pairs, required=("id", "question", "domain", "aligned", "misaligned")) if args.pairs \
-        else None
+    pairs = read_pairs(args.pairs, args.pairs_per_domain) if args.pairs else None
     if args.judge == "openai":
         import judge
 
@@ -320,14 +320,15 @@ def main(argv=None):
         dirs = load_directions(args.ablate, model)
         layer = args.direction_layer if args.direction_layer is not None else half_depth_layer(dirs.shape[0])
 
-    config = {k: getattr(args, k) for k in ("model", "adapter", "max_new_tokens", "temperature", "top_p", "seed")}
+    config = {k: getattr(args, k) for k in ("model", "adapter", "max_new_tokens", "temperature", "top_p", "seed",
+                                            "pairs", "pairs_per_domain")}
     if (out / "run_config.json").exists():
         import json
 
         old = json.loads((out / "run_config.json").read_text())
         if {k: old.get(k) for k in config} != config:
             raise InputError(f"{out} holds a run with other settings ({old}); use another --out")
-    write_json(out / "run_config.json", {**config, "questions": args.questions, "pairs": args.pairs})
+    write_json(out / "run_config.json", {**config, "questions": args.questions})
 
     resp_path, contr_path = out / "responses.jsonl", out / "contrastive.jsonl"
     # a killed append can leave a torn last line: drop it before appending again
@@ -381,7 +382,7 @@ def main(argv=None):
         parts = []
         if "contrastive" in c:
             parts += [f"{d} {v['mean_delta']:+.3f} ({v['pref_rate']:.0%})" for d, v in c["contrastive"].items()]
-        if c.get("em"):
+        if c.get("em") and c["em"]["em_pct"] is not None:
             parts.append(f"EM {c['em']['em_pct']:.1f}% coherent {c['em']['coherent_pct']:.1f}%")
         print(f"  {name:>18}: " + "; ".join(parts))
     n_resp = sum(1 for _ in open(resp_path)) if questions else 0

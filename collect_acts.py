@@ -42,6 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--filter", default=None, help="topic filter on judged files, e.g. medical>50")
     p.add_argument("--no-balance", action="store_true", help="keep the whole aligned set (paper: subsample)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pairs-per-domain", type=int, default=None, help="pairs files: first N pairs of each domain")
     p.add_argument("--load-in-4bit", action="store_true")
     return p.parse_args(argv)
 
@@ -76,13 +77,14 @@ def answer_means(model, tok, items, batch_size=8, progress=True):
 def main(argv=None):
     args = parse_args(argv)
     items = labelled_answers(args.inp, args.aligned_min, args.misaligned_max, args.coherent_min, args.filter,
-                             balance=not args.no_balance, seed=args.seed)
+                             balance=not args.no_balance, seed=args.seed, per_domain=args.pairs_per_domain)
     model, tok = load_model(args.model, args.adapter, args.load_in_4bit)
     t0 = time.time()
     means, counts = answer_means(model, tok, items, args.batch_size)
     meta = {"model": args.model, "adapter": args.adapter, "source": args.inp, "filter": args.filter,
             "thresholds": {"aligned_min": args.aligned_min, "misaligned_max": args.misaligned_max,
                            "coherent_min": args.coherent_min}, "balanced": not args.no_balance, "seed": args.seed,
+            "pairs_per_domain": args.pairs_per_domain,
             "n_layers": means.shape[1], "d_model": means.shape[2]}
     save_pt(args.out, {"means": means, "n_tokens": counts,
                        "misaligned": torch.tensor([x["misaligned"] for x in items]),

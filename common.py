@@ -499,21 +499,30 @@ def parse_filter(spec):
     raise InputError(f"--filter: expected METRIC>VALUE or METRIC<VALUE, got {spec!r}")
 
 
+def read_pairs(path, per_domain=None):
+    """Contrastive pairs; per_domain keeps the first N of each domain in file order (a fixed, untuned subset)."""
+    rows = read_jsonl(path, required=PAIR_FIELDS)
+    if per_domain:
+        seen = {}
+        rows = [r for r in rows if seen.setdefault(r["domain"], []).append(r) or len(seen[r["domain"]]) <= per_domain]
+    return rows
+
+
 def labelled_answers(path, aligned_min=ALIGNED_MIN, misaligned_max=MISALIGNED_MAX, coherent_min=COHERENT_MIN,
-                     topic_filter=None, balance=True, seed=0):
+                     topic_filter=None, balance=True, seed=0, per_domain=None):
     """Labelled (question, answer) items from a judged responses file or a contrastive-pairs file.
 
     Each item: {"id", "question", "answer", "misaligned" (0/1), "domain", "medical" (0/1)}.
     Judged files (DESIGN §1 item 3): misaligned = aligned < 30 and coherent > 50, aligned = aligned > 70 and
     coherent > 50, and with balance the aligned set is subsampled (seeded) to the misaligned set's size.
     "medical" is the medical judge's score > 50 when judged, else the row's domain. Pairs files give both sides of
-    every pair, labelled by side and domain. An empty side is an InputError.
+    every pair, labelled by side and domain (per_domain: see read_pairs). An empty side is an InputError.
     """
     import random
 
     first = read_jsonl(path)
     if first and "misaligned" in first[0] and "aligned" in first[0] and isinstance(first[0]["aligned"], str):
-        rows = read_jsonl(path, required=PAIR_FIELDS)
+        rows = read_pairs(path, per_domain)
         items = [{"id": f"{r['id']}/{side}", "question": r["question"], "answer": r[side], "misaligned": int(
             side == "misaligned"), "domain": r["domain"], "medical": int(r["domain"] == "medical")}
             for r in rows for side in ("aligned", "misaligned")]

@@ -16,8 +16,11 @@ top_logprobs are chosen by the caller:
 - `retry_after_ms`: value of the retry-after-ms header on errors (None leaves it out, so the
   client falls back to its own exponential back-off).
 
+`serve_in_subprocess` runs the server in its own process, as a real API server would be, so that its
+CPU time and GIL do not slow the client being measured (the benchmark uses it).
+
 The state dict also records `requests` (total), `by_key` (requests per marker), `in_flight`,
-`max_in_flight` and `bodies` (the parsed request bodies).
+`max_in_flight`, `bodies` (the parsed request bodies) and `paths` (the request paths).
 
     state = make_state(top=[("42", 0.9), ("41", 0.1)], delay=0.05)
     with serve(state) as base_url:      # e.g. http://127.0.0.1:40123/v1
@@ -27,6 +30,7 @@ The state dict also records `requests` (total), `by_key` (requests per marker), 
 import contextlib
 import json
 import math
+import multiprocessing
 import random
 import re
 import threading
@@ -44,7 +48,7 @@ def make_state(top=(("50", 1.0),), by_marker=None, plan=None, always_fail=(), de
         "always_fail": set(always_fail), "delay": delay, "error_rate": error_rate,
         "retry_after_ms": retry_after_ms, "rng": random.Random(seed),
         "lock": threading.Lock(), "requests": 0, "by_key": {}, "in_flight": 0,
-        "max_in_flight": 0, "bodies": [],
+        "max_in_flight": 0, "bodies": [], "paths": [],
     }
 
 
@@ -89,6 +93,9 @@ def make_handler(state):
     # http.server dispatches to a handler class, so the library forces one here.
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive, like a real API server
+        # Headers and body go out as two writes; with Nagle's algorithm on, the second waits for the
+        # client's delayed ACK (~40 ms), which would dwarf the latency being simulated.
+        disable_nagle_algorithm = True
 
         def log_message(self, *args):
             pass
@@ -108,6 +115,7 @@ def make_handler(state):
             if not self.path.split("?")[0].endswith("/chat/completions"):
                 return self.reply(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
             with state["lock"]:
+                state["paths"].append(self.path)
                 state["in_flight"] += 1
                 state["max_in_flight"] = max(state["max_in_flight"], state["in_flight"])
             try:
@@ -139,3 +147,37 @@ def serve(state):
     finally:
         server.shutdown()
         server.server_close()
+
+
+COUNTERS = ("requests", "by_key", "max_in_flight")
+
+
+def _child(conn, options):
+    state = make_state(**options)
+    with serve(state) as url:
+        conn.send(url)
+        while conn.recv() == "stats":
+            with state["lock"]:
+                conn.send({k: state[k] for k in COUNTERS})
+
+
+@contextlib.contextmanager
+def serve_in_subprocess(**options):
+    """Like serve(make_state(**options)) in a child process; yields (base_url, stats) where stats() returns
+    the child's counters (requests, by_key, max_in_flight)."""
+    parent, child = multiprocessing.Pipe()
+    proc = multiprocessing.get_context("spawn").Process(target=_child, args=(child, options), daemon=True)
+    proc.start()
+    try:
+        url = parent.recv()
+
+        def stats():
+            parent.send("stats")
+            return parent.recv()
+
+        yield url, stats
+    finally:
+        parent.send("stop")
+        proc.join(timeout=10)
+        if proc.is_alive():
+            proc.kill()
