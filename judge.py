@@ -242,7 +242,7 @@ def openai_config():
     key, base_url = os.environ.get("OPENAI_API_KEY"), os.environ.get("OPENAI_BASE_URL")
     if not key and not base_url:
         raise InputError("no judge API configured: set OPENAI_API_KEY (OpenAI), OPENAI_BASE_URL (a compatible "
-                         "server) or AZURE_OPENAI_ENDPOINT (Azure), or use --backend hf")
+                         "server) or AZURE_OPENAI_ENDPOINT (Azure), or use the hf judge backend")
     # Local servers (vLLM, llama.cpp) ignore the key, but the client insists on having one.
     return "openai", key or "EMPTY"
 
