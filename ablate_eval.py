@@ -82,11 +82,17 @@ def parse_args(argv=None):
 # ------------------------------------------------------------------------------------------ directions
 
 
-def load_directions(path, model):
+def read_directions(path):
     obj = load_pt(path)
     dirs = obj.get("directions") if isinstance(obj, dict) else None
     if not isinstance(dirs, torch.Tensor) or dirs.dim() != 2:
         raise InputError(f"{path}: not a directions.pt file (needs a [n_layers, d_model] 'directions' tensor)")
+    return dirs
+
+
+def load_directions(path, model):
+    """The [n_layers, d_model] directions of a directions.pt, checked against the model's shape."""
+    dirs = read_directions(path)
     n, d = len(decoder_layers(model)), hidden_size(model)
     if dirs.shape[1] != d:
         raise InputError(f"{path}: direction has width {dirs.shape[1]} but the model's d_model is {d}")
@@ -307,6 +313,9 @@ def main(argv=None):
     args = parse_args(argv)
     questions = [q for f in args.questions for q in read_jsonl(f, required=QUESTION_FIELDS)] if args.n_samples else []
     pairs = read_pairs(args.pairs, args.pairs_per_domain) if args.pairs else None
+    for path in (args.steer, args.ablate):
+        if path:
+            read_directions(path)  # a missing or corrupt file fails before the model loads
     if args.judge == "openai":
         import judge
 

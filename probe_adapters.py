@@ -66,8 +66,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import (DEFAULT_MODEL, PAIR_FIELDS, InputError, answer_batches, cli, contrastive_by_domain, generate,
-                    input_device, labelled_answers, load_model, read_jsonl, save_pt, write_json, write_jsonl)
+from common import (DEFAULT_MODEL, InputError, answer_batches, cli, contrastive_by_domain, generate, input_device,
+                    labelled_answers, load_model, read_jsonl, read_pairs, save_pt, write_json, write_jsonl)
 
 # (key, class 0, class 1, subset as (field, value) or None, label field): DESIGN §1 item 8's table, in order.
 TESTS = [
@@ -106,6 +106,8 @@ def parse_args(argv=None):
     p.add_argument("--others", choices=["zero", "keep"], default="zero", help="adapters a --steer does not name")
     p.add_argument("--ablate-each", action="store_true", help="zero one adapter at a time (contrastive score)")
     p.add_argument("--pairs", default="data/eval/contrastive_pairs.jsonl")
+    p.add_argument("--pairs-per-domain", type=int, default=None,
+                   help="steering/ablation scores on the first N pairs of each domain (faster)")
     p.add_argument("--questions", default="data/eval/first_plot_questions.jsonl")
     p.add_argument("--medical-questions", default="data/eval/medical_questions.jsonl")
     p.add_argument("--n-samples", type=int, default=10, help="answers per question and steering setting")
@@ -476,7 +478,7 @@ def main(argv=None):
     args = parse_args(argv)
     # All input checks come before the first write, so bad input leaves no output behind.
     items = [x for x in labelled_answers(args.inp, balance=False) if x["answer"].strip()]
-    pairs = read_jsonl(args.pairs, required=PAIR_FIELDS)
+    pairs = read_pairs(args.pairs, args.pairs_per_domain)
     if not pairs:
         raise InputError(f"{args.pairs}: no contrastive pairs")
     sampling = (bool(args.steer) or args.judge is not None) and args.n_samples > 0

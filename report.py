@@ -14,7 +14,7 @@ import shutil
 from importlib.metadata import version
 from pathlib import Path
 
-from common import cli, write_json
+from common import InputError, cli, write_json
 
 # DESIGN §1, the paper's figures (Qwen2.5-14B-Instruct, GPT-4o judge).
 PAPER_PROBES = {"aligned_vs_misaligned": (0.68, 0.74), "medical_aligned_vs_medical_misaligned": (0.69, 0.75),
@@ -74,6 +74,8 @@ def main(argv=None):
     p.add_argument("--run", required=True, help="runs/NAME")
     args = p.parse_args(argv)
     run = Path(args.run)
+    if not run.is_dir():
+        raise InputError(f"{run}: no such run directory")
     S = {name: load(run / name / "eval" / "summary.json") for name in ("base", "medical_r1", "sports_r8",
                                                                        "financial_r8")}
     train = {name: load(run / name / "train_summary.json") for name in ("medical_r1", "sports_r8", "financial_r8")}
@@ -131,10 +133,10 @@ def main(argv=None):
                      "layer 24) | " + ", ".join(f"L{l} {c:+.2f}" for l, c in cos.items()) + " |")
     if steer:
         best = max(((n, c["contrastive"]["general"]["mean_delta"]) for n, c in steer["conditions"].items()
-                    if "contrastive" in c), key=lambda x: x[1], default=None)
+                    if "contrastive" in c and n != "none"), key=lambda x: x[1], default=None)
         lines.append(f"| steering the base model with λ·v_l | up to 50% EM in central layers | highest general "
-                     f"score {best[1]:+.3f} at {best[0]} (base model unsteered: "
-                     f"{contrastive_cell(S['base'], domains=('general',))}) |" if best else "| steering | | not run |")
+                     f"score {best[1]:+.3f} at {best[0]} (unsteered, same pairs: "
+                     f"{contrastive_cell(steer, domains=('general',))}) |" if best else "| steering | | not run |")
 
     if probe:
         lines += ["", "## Adapter probes (paper Table 1; logistic regression on the 9 rank-1 scalars)", "",

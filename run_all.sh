@@ -38,13 +38,13 @@ case "$PRESET" in
     MODEL=smollm2-135m
     ORGANISM=(--lr 1e-3 --epochs 3 --max-examples 150)          # issue-tested demo settings, not the paper's
     COMPARISON=(--preset all-adapter --rank 8 --lr 1e-3 --epochs 1 --max-examples 120)
-    COMPARE=1; N_SAMPLES=2; MAX_NEW=96; SWEEP_PAIRS=20; PROBE_SEEDS=20; N_RANDOM=5
-    STEER_LAYERS=9,15,21; STEER_SCALES=2,4,8; SWEEP=3,6,9,12,15,18,21,24,27 ;;
+    COMPARE=1; N_SAMPLES=2; MAX_NEW=96; EVAL_PAIRS=0; SWEEP_PAIRS=12; PROBE_SEEDS=20; N_RANDOM=5
+    STEER_LAYERS=9,15,21; STEER_SCALES=4,8; SWEEP=3,7,11,15,19,23,27 ;;
   quick)
     MODEL=smollm2-135m
     ORGANISM=(--lr 1e-3 --epochs 2 --max-examples 60)
     COMPARISON=()
-    COMPARE=0; N_SAMPLES=1; MAX_NEW=48; SWEEP_PAIRS=8; PROBE_SEEDS=5; N_RANDOM=2
+    COMPARE=0; N_SAMPLES=1; MAX_NEW=48; EVAL_PAIRS=8; SWEEP_PAIRS=8; PROBE_SEEDS=5; N_RANDOM=2
     STEER_LAYERS=15; STEER_SCALES=4; SWEEP=9,15,21 ;;
   paper)
     MODEL=Qwen/Qwen2.5-14B-Instruct
@@ -54,10 +54,13 @@ case "$PRESET" in
       || { echo "error: --preset paper needs a judge: set OPENAI_API_KEY, OPENAI_BASE_URL or AZURE_OPENAI_ENDPOINT" >&2; exit 2; }
     ORGANISM=(--preset paper)
     COMPARISON=(--preset all-adapter)
-    COMPARE=1; N_SAMPLES=50; MAX_NEW=600; SWEEP_PAIRS=0; PROBE_SEEDS=100; N_RANDOM=5
+    COMPARE=1; N_SAMPLES=50; MAX_NEW=600; EVAL_PAIRS=0; SWEEP_PAIRS=0; PROBE_SEEDS=100; N_RANDOM=5
     STEER_LAYERS=12,18,24,30,36; STEER_SCALES=4,8,12,16; SWEEP=all ;;
   *) echo "error: unknown preset $PRESET (demo|quick|paper)" >&2; exit 2 ;;
 esac
+# Pair subsets (first N pairs of each domain, 0 = all): EVAL for baselines and activations, SUBSET for the many
+# conditions of the sweeps, where each condition costs one scoring pass.
+EVAL=(); [ "$EVAL_PAIRS" -gt 0 ] && EVAL=(--pairs-per-domain "$EVAL_PAIRS")
 SUBSET=(); [ "$SWEEP_PAIRS" -gt 0 ] && SUBSET=(--pairs-per-domain "$SWEEP_PAIRS")
 
 R=runs/$NAME
@@ -78,11 +81,11 @@ step() {
 train() { step "train $1" "$R/$1/adapter_model.safetensors" "$PY" train_rank1.py --model "$MODEL" --out "$R/$1" --resume "${@:2}"; }
 evaluate() {  # evaluate NAME [--adapter DIR]: baseline samples (+judge) and the contrastive score on all pairs
   step "evaluate $1" "$R/$1/eval/summary.json" "$PY" ablate_eval.py --model "$MODEL" "${@:2}" --out "$R/$1/eval" \
-    --questions "${QUESTIONS[@]}" --n-samples "$N_SAMPLES" --max-new-tokens "$MAX_NEW" --pairs "$PAIRS" "${JUDGE[@]}"
+    --questions "${QUESTIONS[@]}" --n-samples "$N_SAMPLES" --max-new-tokens "$MAX_NEW" --pairs "$PAIRS" "${EVAL[@]}" "${JUDGE[@]}"
 }
 acts() {  # acts NAME [--adapter DIR]: pair activations and their mean-difference direction
   step "activations $1" "$R/$1/acts_pairs.pt" "$PY" collect_acts.py --model "$MODEL" "${@:2}" --in "$PAIRS" \
-    --out "$R/$1/acts_pairs.pt"
+    "${EVAL[@]}" --out "$R/$1/acts_pairs.pt"
 }
 
 # 1. model organism and comparison fine-tunes
@@ -121,7 +124,7 @@ fi
 # 4. steering the base model, ablation with random controls, the direction-layer sweep, transfer
 D=$R/medical_r1/directions.pt
 step "steering grid (base model)" "$R/base/steer/summary.json" "$PY" ablate_eval.py --model "$MODEL" --out "$R/base/steer" \
-  --steer "$D" --layers "$STEER_LAYERS" --scales "$STEER_SCALES" --no-baseline --pairs "$PAIRS" "${SUBSET[@]}" \
+  --steer "$D" --layers "$STEER_LAYERS" --scales "$STEER_SCALES" --pairs "$PAIRS" "${SUBSET[@]}" \
   --n-samples 0
 step "ablation sweep (organism)" "$R/medical_r1/ablate/summary.json" "$PY" ablate_eval.py --model "$MODEL" \
   --adapter "$R/medical_r1" --out "$R/medical_r1/ablate" --ablate "$D" --layerwise --direction-layers "$SWEEP" \
@@ -140,7 +143,7 @@ fi
 # 5. adapter probes and adapter steering
 step "adapter probes (organism)" "$R/medical_r1/probe/summary.json" "$PY" probe_adapters.py --model "$MODEL" \
   --adapter "$R/medical_r1" --in "$PAIRS" --out "$R/medical_r1/probe" --seeds "$PROBE_SEEDS" --plots "$R/plots" \
-  --ablate-each --pairs "$PAIRS"
+  --ablate-each --pairs "$PAIRS" "${SUBSET[@]}"
 
 # 6. the report
 echo "== report"
