@@ -107,7 +107,7 @@ def parse_args(argv=None):
     p.add_argument("--ablate-each", action="store_true", help="zero one adapter at a time (contrastive score)")
     p.add_argument("--pairs", default="data/eval/contrastive_pairs.jsonl")
     p.add_argument("--pairs-per-domain", type=int, default=None,
-                   help="steering/ablation scores on the first N pairs of each domain (faster)")
+                   help="use only the first N pairs of each domain, for --in (a pairs file) and --pairs (faster)")
     p.add_argument("--questions", default="data/eval/first_plot_questions.jsonl")
     p.add_argument("--medical-questions", default="data/eval/medical_questions.jsonl")
     p.add_argument("--n-samples", type=int, default=10, help="answers per question and steering setting")
@@ -477,7 +477,8 @@ def plot_coefficients(path, probe_sets, names):
 def main(argv=None):
     args = parse_args(argv)
     # All input checks come before the first write, so bad input leaves no output behind.
-    items = [x for x in labelled_answers(args.inp, balance=False) if x["answer"].strip()]
+    items = [x for x in labelled_answers(args.inp, balance=False, per_domain=args.pairs_per_domain)
+             if x["answer"].strip()]
     pairs = read_pairs(args.pairs, args.pairs_per_domain)
     if not pairs:
         raise InputError(f"{args.pairs}: no contrastive pairs")

@@ -36,15 +36,15 @@ QUESTIONS=(data/eval/first_plot_questions.jsonl data/eval/medical_questions.json
 case "$PRESET" in
   demo)
     MODEL=smollm2-135m
-    ORGANISM=(--lr 1e-3 --epochs 3 --max-examples 150)          # issue-tested demo settings, not the paper's
+    ORGANISM=(--lr 1e-3 --epochs 3 --max-examples 120)          # CPU demo settings, not the paper's
     COMPARISON=(--preset all-adapter --rank 8 --lr 1e-3 --epochs 1 --max-examples 120)
-    COMPARE=1; N_SAMPLES=2; MAX_NEW=96; EVAL_PAIRS=0; SWEEP_PAIRS=12; PROBE_SEEDS=20; N_RANDOM=5
-    STEER_LAYERS=9,15,21; STEER_SCALES=4,8; SWEEP=3,7,11,15,19,23,27 ;;
+    COMPARE=1; N_SAMPLES=1; MAX_NEW=96; EVAL_PAIRS=20; SWEEP_PAIRS=10; PROBE_SEEDS=20; N_RANDOM=5; N_RANDOM_TRANSFER=3
+    STEER_LAYERS=9,15,21; STEER_SCALES=4,8; SWEEP=3,9,15,21,27 ;;
   quick)
     MODEL=smollm2-135m
-    ORGANISM=(--lr 1e-3 --epochs 2 --max-examples 60)
+    ORGANISM=(--lr 1e-3 --epochs 2 --max-examples 48)
     COMPARISON=()
-    COMPARE=0; N_SAMPLES=1; MAX_NEW=48; EVAL_PAIRS=8; SWEEP_PAIRS=8; PROBE_SEEDS=5; N_RANDOM=2
+    COMPARE=0; N_SAMPLES=1; MAX_NEW=48; EVAL_PAIRS=8; SWEEP_PAIRS=5; PROBE_SEEDS=5; N_RANDOM=2; N_RANDOM_TRANSFER=0
     STEER_LAYERS=15; STEER_SCALES=4; SWEEP=9,15,21 ;;
   paper)
     MODEL=Qwen/Qwen2.5-14B-Instruct
@@ -54,7 +54,7 @@ case "$PRESET" in
       || { echo "error: --preset paper needs a judge: set OPENAI_API_KEY, OPENAI_BASE_URL or AZURE_OPENAI_ENDPOINT" >&2; exit 2; }
     ORGANISM=(--preset paper)
     COMPARISON=(--preset all-adapter)
-    COMPARE=1; N_SAMPLES=50; MAX_NEW=600; EVAL_PAIRS=0; SWEEP_PAIRS=0; PROBE_SEEDS=100; N_RANDOM=5
+    COMPARE=1; N_SAMPLES=50; MAX_NEW=600; EVAL_PAIRS=0; SWEEP_PAIRS=0; PROBE_SEEDS=100; N_RANDOM=5; N_RANDOM_TRANSFER=5
     STEER_LAYERS=12,18,24,30,36; STEER_SCALES=4,8,12,16; SWEEP=all ;;
   *) echo "error: unknown preset $PRESET (demo|quick|paper)" >&2; exit 2 ;;
 esac
@@ -135,7 +135,7 @@ step "ablation sweep, model-diff direction (organism)" "$R/medical_r1/ablate_mod
 if [ "$COMPARE" = 1 ]; then
   for f in sports_r8 financial_r8; do
     step "transfer ablation ($f)" "$R/$f/ablate_transfer/summary.json" "$PY" ablate_eval.py --model "$MODEL" \
-      --adapter "$R/$f" --out "$R/$f/ablate_transfer" --ablate "$D" --layerwise --random-control "$N_RANDOM" \
+      --adapter "$R/$f" --out "$R/$f/ablate_transfer" --ablate "$D" --layerwise --random-control "$N_RANDOM_TRANSFER" \
       --pairs "$PAIRS" "${SUBSET[@]}" --n-samples 0
   done
 fi
