@@ -112,21 +112,24 @@ def main(argv=None):
     half_name = f"ablate_L{(len(stats.get('norms', [])) or 2) // 2}"
     lines.append(f"| half-depth direction ablated at every block (organism) | EM 11.25% → 1% | "
                  f"{half_name}: {effect_cell(ablation, half_name) if half_name in half else 'not run'} |")
-    lines.append(f"| random direction, same ablation | EM changes ≤ ±10% | "
-                 f"{effect_cell(ablation, 'random_0').split(' (')[0] if ablation else 'not run'} (first of "
-                 f"{len(((ablation or {}).get('random_band') or {}).get('general', {}) and [1]) and (ablation['random_band']['general']['n'])} seeds; band in brackets above) |"
-                 if ablation and ablation.get("random_band") else "| random direction | EM changes ≤ ±10% | not run |")
+    band = ((ablation or {}).get("random_band") or {})
+    lines.append("| random direction, same ablation | EM changes ≤ ±10% | " + (", ".join(
+        f"{d} {b['min']:+.3f}..{b['max']:+.3f} (mean {b['mean']:+.3f}, sd {b['sd']:.3f}, {b['n']} seeds)"
+        for d, b in band.items() if d in ("general", "medical")) or "not run") + " |")
     lines.append(f"| rank-1 B vectors with the direction projected out | (compared in the paper) | "
                  f"{effect_cell(ablation, 'ablate_B')} |")
     for f, paper in (("sports_r8", "EM 20.2% → −78% relative"), ("financial_r8", "(medical r=32: 18.8% → −90% relative)")):
         lines.append(f"| organism's directions transferred to {f} (layerwise) | {paper} | "
                      f"{effect_cell(transfer[f], 'ablate_layerwise')} |")
     compare = stats.get("compare") or {}
+    paper_cos = {"base": "– (our check: the same pair texts through the base model)",
+                 "medical_r1": "– (§3.5 compares model-diff with mean-diff directions)"}
     for other, cos in compare.items():
         n_hi = sum(c > 0.8 for c in cos)
-        lines.append(f"| per-layer cosine with `{Path(other).parent.name}/{Path(other).name}` | > 0.8 at all but 4 "
-                     f"layers (between fine-tunes) | > 0.8 at {n_hi} of {len(cos)} layers; min {min(cos):.2f}, "
-                     f"max {max(cos):.2f} |")
+        who = Path(other).parent.name
+        lines.append(f"| per-layer cosine with `{who}/{Path(other).name}` | "
+                     f"{paper_cos.get(who, '> 0.8 at all but 4 layers (between fine-tunes)')} | > 0.8 at {n_hi} of "
+                     f"{len(cos)} layers; min {min(cos):.2f}, max {max(cos):.2f} |")
     if stats.get("adapter_b_cosine"):
         cos = stats["adapter_b_cosine"]
         lines.append("| cosine of each rank-1 B vector with the direction at its layer | 0.04 (single adapter, "
@@ -137,6 +140,22 @@ def main(argv=None):
         lines.append(f"| steering the base model with λ·v_l | up to 50% EM in central layers | highest general "
                      f"score {best[1]:+.3f} at {best[0]} (unsteered, same pairs: "
                      f"{contrastive_cell(steer, domains=('general',))}) |" if best else "| steering | | not run |")
+
+    sweep = sorted({int(k[8:]) for s in (ablation, ablation_md) if s for k in s.get("effects", {}).get("general", {})
+                    if k.startswith("ablate_L")})
+    if sweep:
+        lines += ["", "## Direction-layer sweep (organism; change in contrastive score when the direction taken "
+                  "from layer L is ablated at every block)", "",
+                  "| L | mean-diff: general | mean-diff: medical | model-diff: general | model-diff: medical |",
+                  "|---|---|---|---|---|"]
+        for layer in sweep:
+            cells = [fmt(((s or {}).get("effects", {}).get(d) or {}).get(f"ablate_L{layer}"))
+                     for s in (ablation, ablation_md) for d in ("general", "medical")]
+            lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+        if band:
+            lines.append("| random (min..max) | " + " | ".join(
+                f"{band[d]['min']:+.3f}..{band[d]['max']:+.3f}" if d in band else "n/a"
+                for d in ("general", "medical")) + " | (same band) | (same band) |")
 
     if probe:
         lines += ["", "## Adapter probes (paper Table 1; logistic regression on the 9 rank-1 scalars)", "",
