@@ -172,7 +172,7 @@ def main(argv=None):
     plots = sorted((run / "plots").glob("*.png")) + sorted(run.glob("*/*/plots/*.png"))
     if plots:
         lines += ["", "## Plots", ""]
-        lines += [f"![{p.stem}]({p.relative_to(run)})" for p in plots]
+        lines += [f"![{p.relative_to(run)}]({p.relative_to(run)})" for p in plots]
     lines += ["", "## Commands that produced these numbers", ""] + commands_table(run)
     versions = {k: version(k) for k in ("torch", "transformers", "peft", "scikit-learn", "openai")}
     lines += ["", "## Versions", "", f"python {platform.python_version()}, "

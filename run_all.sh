@@ -75,7 +75,8 @@ step() {
   echo "== $name"
   local t=$SECONDS
   "$@"
-  printf '%s\t%s\t%s\n' "$name" "$((SECONDS - t))" "$*" >> "$R/commands.tsv"
+  local cmd="$*"
+  printf '%s\t%s\t%s\n' "$name" "$((SECONDS - t))" "${cmd/#$PY/python}" >> "$R/commands.tsv"
   echo "== $name took $((SECONDS - t))s (total $((SECONDS - T0))s)"
 }
 train() { step "train $1" "$R/$1/adapter_model.safetensors" "$PY" train_rank1.py --model "$MODEL" --out "$R/$1" --resume "${@:2}"; }

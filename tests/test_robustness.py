@@ -90,7 +90,8 @@ def test_bad_input(files, tiny_model_dir, tmp_path, case, script, args, message)
 
     out = tmp_path / "out"
     filled = [a.format(d=files, out=out, root=ROOT) for a in args]
-    if script != "report.py" and "--model" not in filled and script != "judge.py":
+    takes_model = script in ("train_rank1.py", "collect_acts.py", "ablate_eval.py", "probe_adapters.py")
+    if takes_model and "--model" not in filled:
         filled = ["--model", str(tiny_model_dir)] + filled
     r = run_script(script, *filled, env=NO_JUDGE)
     assert r.returncode == 2, (r.returncode, r.stderr[-1500:])
