@@ -44,8 +44,8 @@ case "$PRESET" in
     MODEL=smollm2-135m
     ORGANISM=(--lr 1e-3 --epochs 2 --max-examples 48)
     COMPARISON=()
-    COMPARE=0; N_SAMPLES=1; MAX_NEW=48; EVAL_PAIRS=8; SWEEP_PAIRS=5; PROBE_SEEDS=5; N_RANDOM=2; N_RANDOM_TRANSFER=0
-    STEER_LAYERS=15; STEER_SCALES=4; SWEEP=9,15,21 ;;
+    COMPARE=0; N_SAMPLES=1; MAX_NEW=48; EVAL_PAIRS=6; SWEEP_PAIRS=4; PROBE_SEEDS=5; N_RANDOM=2; N_RANDOM_TRANSFER=0
+    STEER_LAYERS=15; STEER_SCALES=4; SWEEP=15 ;;
   paper)
     MODEL=Qwen/Qwen2.5-14B-Instruct
     "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' \
