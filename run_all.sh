@@ -39,12 +39,14 @@ case "$PRESET" in
     ORGANISM=(--lr 1e-3 --epochs 3 --max-examples 120)          # CPU demo settings, not the paper's
     COMPARISON=(--preset all-adapter --rank 8 --lr 1e-3 --epochs 1 --max-examples 120)
     COMPARE=1; N_SAMPLES=1; MAX_NEW=96; EVAL_PAIRS=20; SWEEP_PAIRS=10; PROBE_SEEDS=20; N_RANDOM=5; N_RANDOM_TRANSFER=3
+    PROBE_FLAGS=(--ablate-each)
     STEER_LAYERS=9,15,21; STEER_SCALES=4,8; SWEEP=3,9,15,21,27 ;;
   quick)
     MODEL=smollm2-135m
     ORGANISM=(--lr 1e-3 --epochs 2 --max-examples 48)
     COMPARISON=()
     COMPARE=0; N_SAMPLES=1; MAX_NEW=48; EVAL_PAIRS=6; SWEEP_PAIRS=4; PROBE_SEEDS=5; N_RANDOM=2; N_RANDOM_TRANSFER=0
+    PROBE_FLAGS=()
     STEER_LAYERS=15; STEER_SCALES=4; SWEEP=15 ;;
   paper)
     MODEL=Qwen/Qwen2.5-14B-Instruct
@@ -55,6 +57,7 @@ case "$PRESET" in
     ORGANISM=(--preset paper)
     COMPARISON=(--preset all-adapter)
     COMPARE=1; N_SAMPLES=50; MAX_NEW=600; EVAL_PAIRS=0; SWEEP_PAIRS=0; PROBE_SEEDS=100; N_RANDOM=5; N_RANDOM_TRANSFER=5
+    PROBE_FLAGS=(--ablate-each --significant-tokens)
     STEER_LAYERS=12,18,24,30,36; STEER_SCALES=4,8,12,16; SWEEP=all ;;
   *) echo "error: unknown preset $PRESET (demo|quick|paper)" >&2; exit 2 ;;
 esac
@@ -144,7 +147,7 @@ fi
 # 5. adapter probes and adapter steering
 step "adapter probes (organism)" "$R/medical_r1/probe/summary.json" "$PY" probe_adapters.py --model "$MODEL" \
   --adapter "$R/medical_r1" --in "$PAIRS" --out "$R/medical_r1/probe" --seeds "$PROBE_SEEDS" --plots "$R/plots" \
-  --ablate-each --pairs "$PAIRS" "${SUBSET[@]}"
+  "${PROBE_FLAGS[@]}" --pairs "$PAIRS" "${SUBSET[@]}"
 
 # 6. the report
 echo "== report"
