@@ -163,8 +163,8 @@ def conditions(args, model):
         sweep = parse_layers(args.direction_layers, n) if args.direction_layers else []
         single = args.direction_layer if args.direction_layer is not None else half_depth_layer(n)
         parse_layers(str(single), n)
-        if not args.layerwise and single not in sweep:
-            sweep = [single] + sweep
+        if (args.direction_layer is not None or not args.layerwise) and single not in sweep:
+            sweep = [single] + sweep  # the single direction runs unless only --layerwise was asked for
         for layer in sweep:
             out.append((f"ablate_L{layer}", lambda l=layer: ablate(model, dirs[l], hooks)))
         for k, u in enumerate(random_directions(args.random_control, dirs.shape[1], args.seed + 1000)):
