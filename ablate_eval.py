@@ -374,13 +374,12 @@ def main(argv=None):
         write_jsonl(out / "judged.jsonl", judged)
         for name, _ in conds:
             summary["conditions"][name]["em"] = judge.em_stats([r for r in judged if r["intervention"] == name])
-    randoms = [n for n, _ in conds if n.startswith("random_")]
-    if randoms and pairs:
-        domains = [k for k in summary["conditions"][randoms[0]]["contrastive"]]
-        summary["random_band"] = {d: random_band([effects(summary, d)[n] for n in randoms]) for d in domains
-                                  if effects(summary, d)}
     if pairs:
         summary["effects"] = {d: effects(summary, d) for d in summary["conditions"][conds[0][0]]["contrastive"]}
+        randoms = [n for n, _ in conds if n.startswith("random_")]
+        if randoms:
+            summary["random_band"] = {d: random_band([eff[n] for n in randoms])
+                                      for d, eff in summary["effects"].items() if eff}
     write_json(out / "summary.json", summary)
     make_plots(summary, out / "plots")
     if args.export_orthogonalized:
