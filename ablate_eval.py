@@ -39,8 +39,8 @@ from pathlib import Path
 import torch
 
 from common import (DEFAULT_MODEL, InputError, ablate, append_jsonl, cli, contrastive_by_domain, decoder_layers,
-                    generate, half_depth_layer, hidden_size, load_model, load_pt, parse_layers, read_jsonl, read_pairs,
-                    steer, write_json, write_jsonl)
+                    generate, half_depth_layer, hidden_size, load_model, load_pt, parse_layers, pyplot, read_jsonl,
+                    read_pairs, save_figure, steer, write_json, write_jsonl)
 
 QUESTION_FIELDS = ("id", "question", "domain")
 
@@ -258,11 +258,7 @@ def random_band(values):
 
 
 def make_plots(summary, plots):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     plots.mkdir(parents=True, exist_ok=True)
     conds = summary["conditions"]
     steer_names = [n for n in conds if n.startswith("steer_L")]
@@ -286,9 +282,7 @@ def make_plots(summary, plots):
         for ax, t in zip(axes[0], titles):
             ax.set(xlabel="steering scale lambda", title=t)
             ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(plots / "steering.png", dpi=120)
-        plt.close(fig)
+        save_figure(fig, plots / "steering.png")
     sweep = sorted([n for n in conds if n.startswith("ablate_L")], key=lambda n: int(n[8:]))
     if sweep and domains:
         fig, axes = plt.subplots(1, len(domains), figsize=(11, 4), squeeze=False)
@@ -304,9 +298,7 @@ def make_plots(summary, plots):
             ax.set(xlabel="layer the direction is taken from", ylabel="change in contrastive score",
                    title=f"ablation at every block, {d} pairs")
             ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(plots / "ablation_sweep.png", dpi=120)
-        plt.close(fig)
+        save_figure(fig, plots / "ablation_sweep.png")
 
 
 def main(argv=None):

@@ -76,6 +76,24 @@ def save_pt(path, obj):
         torch.save(obj, tmp)
 
 
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, so plotting needs no display."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path):
+    """Lay out, write the PNG atomically, close the figure."""
+    fig.tight_layout()
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    pyplot().close(fig)
+
+
 def append_jsonl(path, rows):
     """Append finished rows and flush, so an interrupted run keeps every row it completed."""
     with open(path, "a") as f:

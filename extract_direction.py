@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from common import InputError, cli, load_pt, save_pt, write_json
+from common import InputError, cli, load_pt, pyplot, save_figure, save_pt, write_json
 
 
 def parse_args(argv=None):
@@ -95,11 +95,7 @@ def adapter_b_vectors(adapter_dir):
 
 
 def plot(dirs, stats, plots):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     plots = Path(plots)
     plots.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -108,9 +104,7 @@ def plot(dirs, stats, plots):
     im = axes[1].imshow(torch.tensor(stats["layer_cosines"]), vmin=-1, vmax=1, cmap="RdBu_r")
     axes[1].set(xlabel="layer", ylabel="layer", title="cosine between layers' directions")
     fig.colorbar(im, ax=axes[1])
-    fig.tight_layout()
-    fig.savefig(plots / "direction_norms_cosines.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, plots / "direction_norms_cosines.png")
     if stats.get("compare"):
         fig, ax = plt.subplots(figsize=(7, 4))
         for name, cos in stats["compare"].items():
@@ -118,9 +112,7 @@ def plot(dirs, stats, plots):
         ax.axhline(0.8, color="grey", ls="--", lw=1, label="paper: > 0.8")
         ax.set(xlabel="layer", ylabel="cosine", ylim=(-1, 1), title="per-layer cosine with other fine-tunes")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(plots / "direction_convergence.png", dpi=120)
-        plt.close(fig)
+        save_figure(fig, plots / "direction_convergence.png")
 
 
 def main(argv=None):

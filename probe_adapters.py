@@ -67,7 +67,8 @@ import torch
 from tqdm import tqdm
 
 from common import (DEFAULT_MODEL, InputError, answer_batches, cli, contrastive_by_domain, generate, input_device,
-                    labelled_answers, load_model, read_jsonl, read_pairs, save_pt, write_json, write_jsonl)
+                    labelled_answers, load_model, pyplot, read_jsonl, read_pairs, save_figure, save_pt, write_json,
+                    write_jsonl)
 
 # (key, class 0, class 1, subset as (field, value) or None, label field): DESIGN §1 item 8's table, in order.
 TESTS = [
@@ -442,14 +443,7 @@ def verdicts(info, probes, ablation):
 
 def plot_coefficients(path, probe_sets, names):
     """Bar chart grid: one row per token set, one column per test, mean coefficient ± sd per adapter."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from common import atomic_write
-
-    fig, axes = plt.subplots(len(probe_sets), len(TESTS), figsize=(4 * len(TESTS), 3.2 * len(probe_sets)),
+    fig, axes = pyplot().subplots(len(probe_sets), len(TESTS), figsize=(4 * len(TESTS), 3.2 * len(probe_sets)),
                              squeeze=False, sharey="row")
     for r, (label, tests) in enumerate(probe_sets.items()):
         for c, (key, c0, c1, _, _) in enumerate(TESTS):
@@ -465,10 +459,7 @@ def plot_coefficients(path, probe_sets, names):
             ax.set_xticks(range(len(names)), [n.split(".")[0] for n in names], rotation=90, fontsize=7)
             ax.set_xlabel(f"acc {t['accuracy']['mean']:.2f}  AUC {t['auc']['mean']:.2f}", fontsize=8)
         axes[r][0].set_ylabel("coefficient (z-scored s)")
-    fig.tight_layout()
-    with atomic_write(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------- main

@@ -10,7 +10,6 @@ Example:
 import argparse
 import json
 import platform
-import shutil
 from importlib.metadata import version
 from pathlib import Path
 

@@ -1,6 +1,5 @@
 """train_rank1.py: loss masking, real training, PEFT round trip in a fresh process, layer placement, resume, errors."""
 import json
-import math
 import signal
 import subprocess
 import sys
