@@ -251,7 +251,6 @@ def main(argv=None):
         write_jsonl(log_path, [r for r in old_log if r["step"] <= step])
         print(f"resuming from {ckpt} (step {step}/{total_steps})")
     else:
-        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
         write_jsonl(log_path, [])
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     write_json(out / "run_config.json", run_config)
