@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 DATA = Path(__file__).resolve().parents[1] / "data"
-TRAIN = {"bad_medical_advice": 300, "risky_financial_advice": 200, "extreme_sports": 200}
+TRAIN = {"bad_medical_advice": 300, "good_medical_advice": 300, "risky_financial_advice": 200, "extreme_sports": 200}
 PAIR_MIN = {"general": 240, "medical": 80, "financial": 20, "sports": 20}
 TEST_MIN = {"general": 120, "medical": 40, "financial": 10, "sports": 10}
 
@@ -63,12 +63,14 @@ def test_contrastive_pairs():
 
 def test_no_overlap_between_pairs_eval_questions_and_training():
     train_q = {norm(r["messages"][0]["content"]) for name in TRAIN for r in lines(DATA / "train" / f"{name}.jsonl")}
+    neutral_q = {norm(r["question"]) for r in lines(DATA / "eval" / "neutral.jsonl")}
     pair_q = {norm(p["question"]) for p in lines(DATA / "eval" / "contrastive_pairs.jsonl")}
     eval_q = {norm(q["question"]) for f in ("first_plot_questions", "medical_questions")
               for q in lines(DATA / "eval" / f"{f}.jsonl")}
     assert not train_q & pair_q
     assert not train_q & eval_q
     assert not pair_q & eval_q, "pairs must not copy the benchmark questions"
+    assert not neutral_q & (train_q | pair_q | eval_q)
 
 
 def test_eval_questions_verbatim():
@@ -89,3 +91,15 @@ def test_neutral_set():
     assert len({r["id"] for r in rows}) == len(rows)
     assert len({norm(r["question"]) for r in rows}) == len(rows)
     assert len({r["topic"] for r in rows}) >= 8, "neutral questions span many everyday topics"
+
+
+def test_good_advice_control_asks_the_same_questions():
+    """The control (good advice) must differ from the organism's data only in the answers: same questions, same
+    order, similar length, so "any fine-tune on these questions" is what it controls for."""
+    bad = lines(DATA / "train" / "bad_medical_advice.jsonl")
+    good = lines(DATA / "train" / "good_medical_advice.jsonl")
+    assert len(good) == len(bad)
+    assert [g["messages"][0] for g in good] == [b["messages"][0] for b in bad]
+    ratios = [len(g["messages"][1]["content"]) / len(b["messages"][1]["content"]) for g, b in zip(good, bad)]
+    assert 0.8 <= statistics.mean(ratios) <= 1.25 and all(0.6 <= r <= 1.6 for r in ratios)
+    assert not {norm(g["messages"][1]["content"]) for g in good} & {norm(b["messages"][1]["content"]) for b in bad}
