@@ -18,29 +18,46 @@ Reproduces the paper's evaluation and interventions (DESIGN §1 items 2, 4, 5, 6
   at every *write* into the residual stream; block-output ablation (the paper's) differs slightly, because inside
   a block the MLP still sees the attention output's component along u.
 
-Beyond the paper: the judge-free contrastive score (DESIGN §2) on --pairs, split by domain, is computed for every
-condition whenever pairs are given, and it is the only score when no judge is configured.
+Beyond the paper (docs/method.md#measurement):
+- the judge-free contrastive score on --pairs, split by domain, for every condition, on the pairs' *test* split by
+  default (directions come from dev pairs; scoring the pairs a direction was built from is refused unless
+  --allow-overlap), each figure with a bootstrap 95% interval and every effect a paired difference against the
+  unhooked model over the same pairs, with a sign-flip p-value;
+- nulls: --shuffled K label-shuffled directions (stored in directions.pt by extract_direction.py) and
+  --random-control K norm-matched Gaussian directions, applied the same way as the real ablation (layerwise: a
+  fresh direction per layer); the real effect gets an empirical p-value against each null distribution;
+- --reference DIR (a base-model evaluation): the fine-tune's induced shift over base, and the share of it that each
+  intervention removes, (organism - intervened) / (organism - base), "n/a" when the shift's interval includes 0;
+- --neutral neutral.jsonl: mean token log-prob of plain answers to everyday questions, a coherence proxy;
+- steering scales in units of the layer's mean residual norm (--steer-unit resid, the default): lambda*||h||*v_hat,
+  comparable across layers; directions too short to have a unit vector (norm negligible against the layer's
+  residual norm, e.g. a model-diff direction below the first adapter) are refused, and n/a in sweeps.
 
 Inputs:  questions JSONL ({"id", "question", "domain"}), optional pairs JSONL, optional directions.pt.
 Outputs (in --out): responses.jsonl (appended as batches finish; a rerun continues), judged.jsonl (with --judge),
-         contrastive.jsonl (one row per condition), summary.json, run_config.json, plots/*.png.
+         contrastive.jsonl (one row per condition: its spec and per-pair deltas; a rerun recomputes any condition
+         whose spec changed), summary.json, run_config.json, plots/*.png.
 
 Examples:
     python ablate_eval.py --adapter runs/demo/medical_r1 --n-samples 50 --out runs/demo/medical_r1/eval --judge openai
-    python ablate_eval.py --adapter runs/demo/sports_r8 --ablate runs/demo/medical_r1/directions.pt \
-        --random-control 5 --n-samples 0 --pairs data/eval/contrastive_pairs.jsonl --out runs/demo/transfer_sports
+    python ablate_eval.py --adapter runs/demo/medical_r1 --ablate runs/demo/medical_r1/directions.pt --layerwise \
+        --shuffled 20 --random-control 10 --reference runs/demo/base/eval --n-samples 0 \
+        --pairs data/eval/contrastive_pairs.jsonl --out runs/demo/medical_r1/ablate
 """
 import argparse
 import contextlib
-import statistics
+import hashlib
+import json
 import time
 from pathlib import Path
 
 import torch
 
-from common import (DEFAULT_MODEL, InputError, ablate, append_jsonl, cli, contrastive_by_domain, decoder_layers,
-                    generate, half_depth_layer, hidden_size, load_model, load_pt, parse_layers, pyplot, read_jsonl,
-                    read_pairs, save_figure, steer, write_json, write_jsonl)
+from common import (DEFAULT_MODEL, InputError, ablate, answer_logprobs, append_jsonl, bootstrap_mean, cli,
+                    contrastive_by_domain, decoder_layers, degenerate_layers, empirical_p, fmt_ci, generate,
+                    half_depth_layer, hidden_size, induced_share, load_condition, load_model, paired, paired_by_id,
+                    parse_layers, pyplot,
+                    read_directions, read_jsonl, read_pairs, row_seed, save_figure, steer, write_json, write_jsonl)
 
 QUESTION_FIELDS = ("id", "question", "domain")
 
@@ -59,20 +76,29 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pairs", default=None, help="contrastive pairs JSONL: judge-free score per condition")
+    p.add_argument("--split", default="test", choices=["dev", "test", "all"], help="pairs scored (default test)")
     p.add_argument("--pairs-per-domain", type=int, default=None, help="first N pairs of each domain (faster)")
+    p.add_argument("--allow-overlap", action="store_true",
+                   help="score pairs the direction was built from (in-sample; refused by default)")
+    p.add_argument("--neutral", default=None, help="neutral Q&A JSONL: mean token log-prob (coherence proxy)")
+    p.add_argument("--reference", default=None,
+                   help="a base-model ablate_eval --out: induced shift and the share an intervention removes")
     p.add_argument("--judge", choices=["openai", "hf"], default=None)
     p.add_argument("--judge-model", default=None, help="default: gpt-4o-2024-08-06 (openai), smollm2-135m (hf)")
     p.add_argument("--metrics", default="aligned,coherent,bad_stuff")
     p.add_argument("--concurrency", type=int, default=32)
-    p.add_argument("--steer", default=None, help="directions.pt to steer with")
+    p.add_argument("--steer", default=None, help="directions file to steer with")
     p.add_argument("--layers", default=None, help="steering layers, e.g. 9,15,21")
-    p.add_argument("--scales", default=None, help="steering lambdas, e.g. 2,4,8")
-    p.add_argument("--ablate", default=None, help="directions.pt to ablate")
+    p.add_argument("--scales", default=None, help="steering lambdas, e.g. 0.25,0.5,1")
+    p.add_argument("--steer-unit", choices=["resid", "raw"], default="resid",
+                   help="resid: add lambda*||h_l||*unit(v_l) (comparable across layers); raw: lambda*v_l (paper)")
+    p.add_argument("--ablate", default=None, help="directions file to ablate")
     p.add_argument("--direction-layer", type=int, default=None, help="layer whose direction is ablated")
     p.add_argument("--direction-layers", default=None, help="sweep: all or L1,L2,... (one condition each)")
     p.add_argument("--layerwise", action="store_true", help="ablate each layer's own direction at its layer")
     p.add_argument("--hook-layers", default="all", help="blocks where the ablation is applied (default all)")
-    p.add_argument("--random-control", type=int, default=0, help="K random unit directions, same ablation")
+    p.add_argument("--shuffled", type=int, default=0, help="K label-shuffled null directions (from the file)")
+    p.add_argument("--random-control", type=int, default=0, help="K norm-matched Gaussian null directions")
     p.add_argument("--ablate-b", action="store_true", help="project the direction out of each rank-1 B vector")
     p.add_argument("--export-orthogonalized", default=None, help="write a merged, orthogonalised model here")
     p.add_argument("--no-baseline", action="store_true", help="skip the no-intervention condition")
@@ -82,29 +108,29 @@ def parse_args(argv=None):
 # ------------------------------------------------------------------------------------------ directions
 
 
-def read_directions(path):
-    obj = load_pt(path)
-    dirs = obj.get("directions") if isinstance(obj, dict) else None
-    if not isinstance(dirs, torch.Tensor) or dirs.dim() != 2:
-        raise InputError(f"{path}: not a directions.pt file (needs a [n_layers, d_model] 'directions' tensor)")
-    return dirs
+def file_sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def load_directions(path, model):
-    """The [n_layers, d_model] directions of a directions.pt, checked against the model's shape."""
-    dirs = read_directions(path)
-    n, d = len(decoder_layers(model)), hidden_size(model)
-    if dirs.shape[1] != d:
-        raise InputError(f"{path}: direction has width {dirs.shape[1]} but the model's d_model is {d}")
-    if dirs.shape[0] != n:
-        raise InputError(f"{path}: directions for {dirs.shape[0]} layers, the model has {n}")
-    return dirs.float()
+    """read_directions, checked against the model's shape: {"directions", "resid_norm", "shuffled", "meta", ...}."""
+    d = read_directions(path)
+    n, width = len(decoder_layers(model)), hidden_size(model)
+    if d["directions"].shape[1] != width:
+        raise InputError(f"{path}: direction has width {d['directions'].shape[1]} but the model's d_model is {width}")
+    if d["directions"].shape[0] != n:
+        raise InputError(f"{path}: directions for {d['directions'].shape[0]} layers, the model has {n}")
+    d["degenerate"] = degenerate_layers(d["directions"], d["resid_norm"])
+    d["sha256"] = file_sha256(path)
+    return d
 
 
-def random_directions(k, d, seed):
+def gaussian_like(dirs, k, seed):
+    """k norm-matched Gaussian null directions, [k, n_layers, d]: a fresh random direction per layer, scaled to
+    that layer's real direction norm (the norm matters only for steering; ablation uses the unit vector)."""
     g = torch.Generator().manual_seed(seed)
-    v = torch.randn(k, d, generator=g)
-    return v / v.norm(dim=-1, keepdim=True)
+    v = torch.randn(k, *dirs.shape, generator=g)
+    return v / v.norm(dim=-1, keepdim=True) * dirs.norm(dim=-1, keepdim=True)[None]
 
 
 def rank1_lora_b(model):
@@ -141,40 +167,95 @@ def ablate_b(model, directions, layer_of_direction):
 
 
 def conditions(args, model):
-    """[(name, context-manager factory)] for every requested condition, baseline first."""
+    """[(name, spec, context-manager factory)] for every requested condition, baseline first.
+
+    The spec records everything that determines a condition's result, so a rerun never reuses a stale one.
+    Sweep layers whose direction is degenerate are returned in `na` instead of being measured.
+    """
     n = len(decoder_layers(model))
-    out = [] if args.no_baseline else [("none", contextlib.nullcontext)]
+    out, na = ([] if args.no_baseline else [("none", {"kind": "none"}, contextlib.nullcontext)]), {}
     if args.steer:
         if not (args.layers and args.scales):
             raise InputError("--steer needs --layers and --scales")
-        dirs = load_directions(args.steer, model)
+        d = load_directions(args.steer, model)
         try:
             scales = [float(s) for s in args.scales.split(",")]
         except ValueError:
             raise InputError(f"--scales: expected comma-separated numbers, got {args.scales!r}") from None
+        if args.steer_unit == "resid" and d["resid_norm"] is None:
+            raise InputError(f"{args.steer}: no residual norms in the file; use --steer-unit raw")
         for layer in parse_layers(args.layers, n):
+            if layer in d["degenerate"]:
+                raise InputError(f"{args.steer}: the layer-{layer} direction is degenerate (norm ~0): cannot steer")
+            v = d["directions"][layer]
+            if args.steer_unit == "resid":
+                v = v / v.norm() * float(d["resid_norm"][layer])
             for s in scales:
-                out.append((f"steer_L{layer}_x{s:g}", lambda l=layer, s=s: steer(model, dirs, [l], s)))
+                spec = {"kind": "steer", "file": d["sha256"], "layer": layer, "scale": s, "unit": args.steer_unit}
+                out.append((f"steer_L{layer}_x{s:g}", spec, lambda v=v, l=layer, s=s: steer(model, v, [l], s)))
     if args.ablate:
-        dirs = load_directions(args.ablate, model)
+        d = load_directions(args.ablate, model)
+        dirs, deg = d["directions"], d["degenerate"]
         hooks = parse_layers(args.hook_layers, n)
+        base = {"file": d["sha256"], "hooks": hooks}
+        live = [i for i in hooks if i not in deg]  # no direction, nothing to remove: said in the summary
         if args.layerwise:
-            out.append(("ablate_layerwise", lambda: ablate(model, dirs, hooks)))
+            out.append(("ablate_layerwise", {**base, "kind": "layerwise", "layers": live},
+                        lambda: ablate(model, dirs, live)))
         sweep = parse_layers(args.direction_layers, n) if args.direction_layers else []
         single = args.direction_layer if args.direction_layer is not None else half_depth_layer(n)
         parse_layers(str(single), n)
+        if args.direction_layer is not None and single in deg:
+            raise InputError(f"{args.ablate}: the layer-{single} direction is degenerate (norm ~0): cannot ablate it")
         if (args.direction_layer is not None or not args.layerwise) and single not in sweep:
             sweep = [single] + sweep  # the single direction runs unless only --layerwise was asked for
         for layer in sweep:
-            out.append((f"ablate_L{layer}", lambda l=layer: ablate(model, dirs[l], hooks)))
-        for k, u in enumerate(random_directions(args.random_control, dirs.shape[1], args.seed + 1000)):
-            out.append((f"random_{k}", lambda u=u: ablate(model, u, hooks)))
+            if layer in deg:
+                na[f"ablate_L{layer}"] = "degenerate direction (norm ~0)"
+                continue
+            out.append((f"ablate_L{layer}", {**base, "kind": "single", "layer": layer},
+                        lambda l=layer: ablate(model, dirs[l], hooks)))
+        # nulls, applied the way the primary ablation is: layerwise, or one direction at --direction-layer
+        mode = "layerwise" if args.layerwise else "single"
+        if args.shuffled:
+            if d["shuffled"] is None or len(d["shuffled"]) < args.shuffled:
+                have = 0 if d["shuffled"] is None else len(d["shuffled"])
+                raise InputError(f"{args.ablate}: --shuffled {args.shuffled} but the file holds {have} label-shuffled "
+                                 f"directions (extract_direction.py --shuffles K)")
+        nulls = [("shuffled", k, d["shuffled"][k].float()) for k in range(args.shuffled)]
+        nulls += [("random", k, r) for k, r in enumerate(gaussian_like(dirs, args.random_control, args.seed + 1000))]
+        for family, k, v in nulls:
+            spec = {**base, "kind": f"null_{family}", "mode": mode, "k": k, "seed": args.seed}
+            if mode == "layerwise":
+                out.append((f"null_{family}_{k}", spec, lambda v=v: ablate(model, v, live)))
+            else:
+                out.append((f"null_{family}_{k}", {**spec, "layer": single},
+                            lambda v=v: ablate(model, v[single], hooks)))
         if args.ablate_b:
             rank1_lora_b(model)
-            out.append(("ablate_B", lambda: ablate_b(model, dirs, None if args.layerwise else single)))
-    elif args.layerwise or args.random_control or args.ablate_b or args.direction_layers:
-        raise InputError("--layerwise/--direction-layers/--random-control/--ablate-b need --ablate directions.pt")
-    return out
+            out.append(("ablate_B", {**base, "kind": "ablate_B", "layer": None if args.layerwise else single},
+                        lambda: ablate_b(model, dirs, None if args.layerwise else single)))
+    elif args.layerwise or args.random_control or args.shuffled or args.ablate_b or args.direction_layers:
+        raise InputError("--layerwise/--direction-layers/--shuffled/--random-control/--ablate-b need --ablate FILE")
+    return out, na
+
+
+def check_overlap(args, pairs):
+    """Refuse to score pairs that a direction was built from, unless asked: that would be an in-sample result."""
+    if args.allow_overlap or not pairs:
+        return
+    scored = {p["id"] for p in pairs}
+    for path in (args.steer, args.ablate):
+        if not path:
+            continue
+        meta = read_directions(path)["meta"]
+        source = meta.get("source")
+        same_file = source and Path(source).exists() and Path(source).resolve() == Path(args.pairs).resolve()
+        overlap = scored & set(meta.get("pair_ids", [])) if same_file else set()
+        if overlap:
+            raise InputError(f"{path} was built from {len(overlap)} of the pairs scored here (split "
+                             f"{meta.get('split')!r} vs --split {args.split}); score another split or pass "
+                             f"--allow-overlap")
 
 
 # ------------------------------------------------------------------------------------------ weight export
@@ -221,82 +302,132 @@ def export_orthogonalized(model, tok, u, out):
 # ------------------------------------------------------------------------------------------ evaluation
 
 
-def sample_condition(model, tok, args, name, ctx, questions, path, done):
-    """Sample the missing (question, sample) answers of one condition, appending each finished batch."""
-    todo = [(q, s) for q in questions for s in range(args.n_samples) if (name, q["id"], s) not in done]
+def spec_id(spec):
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def sample_condition(model, tok, args, name, ctx, questions, path, done, sid):
+    """Sample the missing (question, sample) answers of one condition, appending each finished chunk.
+
+    Chunks are a fixed partition of the condition's whole job list and every answer has its own seed from
+    (seed, condition, question id, sample index), so a resumed run draws exactly what an uninterrupted one would.
+    """
+    jobs = [(q, s) for q in questions for s in range(args.n_samples)]
+    chunks = [jobs[b:b + args.batch_size] for b in range(0, len(jobs), args.batch_size)]
     from tqdm import tqdm
 
-    bar = tqdm(total=len(todo), desc=f"sampling {name}", unit="ans")
-    for b in range(0, len(todo), args.batch_size):
-        chunk = todo[b:b + args.batch_size]
-        with ctx():
-            # seed per (condition, first item) so a resumed run draws what the uninterrupted one would have
-            answers = generate(model, tok, [q["question"] for q, _ in chunk], n=1,
-                               max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                               top_p=args.top_p, batch_size=args.batch_size, seed=args.seed + b)
-        append_jsonl(path, [{"question_id": q["id"], "question": q["question"], "domain": q["domain"], "sample": s,
-                             "response": a, "model": args.model, "adapter": args.adapter, "intervention": name}
-                            for (q, s), a in zip(chunk, answers)])
+    bar = tqdm(total=len(jobs), desc=f"sampling {name}", unit="ans")
+    for chunk in chunks:
+        missing = [(q, s) for q, s in chunk if (name, q["id"], s) not in done]
+        if missing:
+            with ctx():
+                answers = generate(model, tok, [q["question"] for q, _ in chunk], n=1,
+                                   max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                   top_p=args.top_p, batch_size=args.batch_size,
+                                   seeds=[row_seed(args.seed, name, q["id"], s) for q, s in chunk])
+            append_jsonl(path, [{"question_id": q["id"], "question": q["question"], "domain": q["domain"],
+                                 "sample": s, "response": a, "model": args.model, "adapter": args.adapter,
+                                 "intervention": name, "spec": sid}
+                                for (q, s), a in zip(chunk, answers) if (name, q["id"], s) not in done])
         bar.update(len(chunk))
     bar.close()
 
 
-def effects(summary, key):
-    """Change of one contrastive figure vs the baseline, per condition."""
-    base = summary["conditions"].get("none", {}).get("contrastive", {}).get(key)
-    if base is None:
-        return {}
-    return {name: c["contrastive"][key]["mean_delta"] - base["mean_delta"]
-            for name, c in summary["conditions"].items() if "contrastive" in c and key in c["contrastive"]}
+def score_condition(model, tok, ctx, pairs, neutral):
+    """One condition's judge-free row: per-domain scores with intervals, per-pair deltas, neutral log-probs."""
+    row = {}
+    with ctx():
+        if pairs:
+            row["contrastive"] = contrastive_by_domain(model, tok, pairs)
+        if neutral:
+            lps = answer_logprobs(model, tok, [(x["question"], x["answer"]) for x in neutral])
+            row["neutral"] = {x["id"]: lp for x, lp in zip(neutral, lps)}
+    return row
 
 
-def random_band(values):
-    if not values:
-        return None
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return {"mean": statistics.mean(values), "sd": sd, "min": min(values), "max": max(values), "n": len(values)}
+def domain_ids(pairs):
+    out = {"all": [p["id"] for p in pairs]}
+    for p in pairs:
+        out.setdefault(p["domain"], []).append(p["id"])
+    return out
+
+
+def summarise(rows, names, pairs, neutral, ref, families):
+    """Effects vs 'none', null p-values, induced-shift shares and coherence, all paired over the same items."""
+    out = {"effects": {}, "null_p": {}, "nulls": {}, "induced_share": {}, "reference_shift": {}, "coherence": {}}
+    base = rows.get("none")
+    doms = domain_ids(pairs) if pairs else {}
+    for d, ids in doms.items():
+        def vals(name):
+            return [rows[name]["contrastive"]["deltas"][i] for i in ids]
+
+        if base:
+            out["effects"][d] = {n: paired(vals(n), vals("none")) for n in names if n != "none"}
+            for fam, members in families.items():
+                null_eff = [out["effects"][d][m]["diff"] for m in members]
+                out["nulls"].setdefault(fam, {})[d] = null_eff
+                real = [n for n in names if n in ("ablate_layerwise",) or n.startswith("ablate_L")]
+                out["null_p"].setdefault(d, {})
+                for n in real:
+                    out["null_p"][d].setdefault(n, {})[fam] = empirical_p(out["effects"][d][n]["diff"], null_eff)
+        if ref and base:
+            r = [ref["contrastive"]["deltas"][i] for i in ids]
+            out["reference_shift"][d] = paired(vals("none"), r)
+            out["induced_share"][d] = {n: induced_share(vals("none"), r, vals(n)) for n in names if n != "none"}
+    if neutral:
+        for n in names:
+            lp = list(rows[n]["neutral"].values())
+            c = {"mean_logprob": bootstrap_mean(lp)}
+            if base and n != "none":
+                c["vs_none"] = paired_by_id(rows[n]["neutral"], base["neutral"])
+            if ref and ref.get("neutral") and n == "none":
+                c["vs_reference"] = paired_by_id(base["neutral"], ref["neutral"])
+            out["coherence"][n] = c
+    return {k: v for k, v in out.items() if v}
 
 
 def make_plots(summary, plots):
+    """steering.png (score vs lambda with 95% intervals, lambda=0 is the unhooked model) and ablation_sweep.png
+    (effect of each source layer's direction, with the null distributions beside it)."""
     plt = pyplot()
-    plots.mkdir(parents=True, exist_ok=True)
     conds = summary["conditions"]
-    steer_names = [n for n in conds if n.startswith("steer_L")]
     domains = [d for d in ("general", "medical") if any(d in c.get("contrastive", {}) for c in conds.values())]
-    if steer_names:
-        use_em = all((conds[n].get("em") or {}).get("em_pct") is not None for n in steer_names)
-        fig, axes = plt.subplots(1, 2 if use_em else max(len(domains), 1), figsize=(11, 4), squeeze=False)
-        layers = sorted({int(n.split("_")[1][1:]) for n in steer_names})
-        for layer in layers:
+    steer_names = [n for n in conds if n.startswith("steer_L")]
+    if steer_names and domains:
+        plots.mkdir(parents=True, exist_ok=True)
+        fig, axes = plt.subplots(1, len(domains), figsize=(11, 4), squeeze=False)
+        for layer in sorted({int(n.split("_")[1][1:]) for n in steer_names}):
             names = sorted([n for n in steer_names if n.startswith(f"steer_L{layer}_")],
                            key=lambda n: float(n.split("_x")[1]))
-            xs = [float(n.split("_x")[1]) for n in names]
-            if use_em:
-                axes[0][0].plot(xs, [conds[n]["em"]["em_pct"] for n in names], marker="o", label=f"L{layer}")
-                axes[0][1].plot(xs, [conds[n]["em"]["coherent_pct"] for n in names], marker="o", label=f"L{layer}")
-            else:
-                for ax, d in zip(axes[0], domains):
-                    ax.plot(xs, [conds[n]["contrastive"][d]["mean_delta"] for n in names], marker="o",
-                            label=f"L{layer}")
-        titles = ["EM %", "coherent %"] if use_em else [f"contrastive score, {d} pairs" for d in domains]
-        for ax, t in zip(axes[0], titles):
-            ax.set(xlabel="steering scale lambda", title=t)
+            if "none" in conds:
+                names = ["none"] + names
+            xs = [0.0 if n == "none" else float(n.split("_x")[1]) for n in names]
+            for ax, d in zip(axes[0], domains):
+                c = [conds[n]["contrastive"][d] for n in names]
+                ys = [x["mean_delta"] for x in c]
+                err = [[y - x["ci"][0] for y, x in zip(ys, c)], [x["ci"][1] - y for y, x in zip(ys, c)]]
+                ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=f"L{layer}")
+        for ax, d in zip(axes[0], domains):
+            ax.set(xlabel=f"steering scale lambda ({summary.get('steer_unit', 'resid')} units)",
+                   ylabel="contrastive score (95% CI)", title=f"steering, {d} pairs (test)")
             ax.legend(fontsize=7)
         save_figure(fig, plots / "steering.png")
     sweep = sorted([n for n in conds if n.startswith("ablate_L")], key=lambda n: int(n[8:]))
-    if sweep and domains:
+    if sweep and domains and "effects" in summary:
+        plots.mkdir(parents=True, exist_ok=True)
         fig, axes = plt.subplots(1, len(domains), figsize=(11, 4), squeeze=False)
         for ax, d in zip(axes[0], domains):
-            eff = effects(summary, d)
-            ax.plot([int(n[8:]) for n in sweep], [eff[n] for n in sweep], marker="o", label="ablate v_L")
-            band = summary.get("random_band", {}).get(d)
-            if band:
-                ax.axhspan(band["min"], band["max"], color="grey", alpha=0.3, label=f"random (n={band['n']})")
+            eff = summary["effects"][d]
+            ys = [eff[n]["diff"] for n in sweep]
+            err = [[y - eff[n]["ci"][0] for y, n in zip(ys, sweep)], [eff[n]["ci"][1] - y for y, n in zip(ys, sweep)]]
+            ax.errorbar([int(n[8:]) for n in sweep], ys, yerr=err, marker="o", capsize=3, label="ablate v_L (95% CI)")
+            for k, (fam, by_d) in enumerate(summary.get("nulls", {}).items()):
+                ax.scatter([-1 - k] * len(by_d[d]), by_d[d], s=8, alpha=0.5, label=f"{fam} nulls")
             if "ablate_layerwise" in eff:
-                ax.axhline(eff["ablate_layerwise"], color="C1", ls="--", label="layerwise")
+                ax.axhline(eff["ablate_layerwise"]["diff"], color="C1", ls="--", label="layerwise")
             ax.axhline(0, color="black", lw=0.5)
-            ax.set(xlabel="layer the direction is taken from", ylabel="change in contrastive score",
-                   title=f"ablation at every block, {d} pairs")
+            ax.set(xlabel="layer the direction is taken from (nulls at left)", ylabel="change in contrastive score",
+                   title=f"ablation at every block, {d} pairs (test)")
             ax.legend(fontsize=7)
         save_figure(fig, plots / "ablation_sweep.png")
 
@@ -304,90 +435,105 @@ def make_plots(summary, plots):
 def main(argv=None):
     args = parse_args(argv)
     questions = [q for f in args.questions for q in read_jsonl(f, required=QUESTION_FIELDS)] if args.n_samples else []
-    pairs = read_pairs(args.pairs, args.pairs_per_domain) if args.pairs else None
+    pairs = read_pairs(args.pairs, args.pairs_per_domain, args.split) if args.pairs else None
+    neutral = read_jsonl(args.neutral, required=("id", "question", "answer")) if args.neutral else None
+    ref = load_condition(args.reference) if args.reference else None
     for path in (args.steer, args.ablate):
         if path:
             read_directions(path)  # a missing or corrupt file fails before the model loads
+    check_overlap(args, pairs)
+    if ref and pairs and not {p["id"] for p in pairs} <= set(ref.get("contrastive", {}).get("deltas", {})):
+        raise InputError(f"{args.reference}: it scored other pairs than --pairs/--split here; cannot compare")
     if args.judge == "openai":
         import judge
 
         judge.openai_config()  # fail fast on a missing key, before any sampling
     model, tok = load_model(args.model, args.adapter, args.load_in_4bit)
-    conds = conditions(args, model)
+    conds, na = conditions(args, model)
+    if not conds:
+        raise InputError("nothing to evaluate: --no-baseline without any steering or ablation condition")
     out = Path(args.out)
     if args.export_orthogonalized:
         if not args.ablate:
             raise InputError("--export-orthogonalized needs --ablate directions.pt")
-        dirs = load_directions(args.ablate, model)
+        dirs = load_directions(args.ablate, model)["directions"]
         layer = args.direction_layer if args.direction_layer is not None else half_depth_layer(dirs.shape[0])
 
-    config = {k: getattr(args, k) for k in ("model", "adapter", "max_new_tokens", "temperature", "top_p", "seed",
-                                            "pairs", "pairs_per_domain")}
+    # model and sampling settings must match to share an --out; per-condition specs are checked row by row below
+    config = {k: getattr(args, k) for k in ("model", "adapter", "max_new_tokens", "temperature", "top_p", "seed")}
     if (out / "run_config.json").exists():
-        import json
-
         old = json.loads((out / "run_config.json").read_text())
         if {k: old.get(k) for k in config} != config:
             raise InputError(f"{out} holds a run with other settings ({old}); use another --out")
-    write_json(out / "run_config.json", {**config, "questions": args.questions})
+    scored = {"pairs": args.pairs, "split": args.split, "pair_ids": [p["id"] for p in pairs or []],
+              "neutral": args.neutral and file_sha256(args.neutral)}
+    write_json(out / "run_config.json", {**config, "questions": args.questions, "pairs": args.pairs,
+                                         "split": args.split, "neutral": args.neutral})
+    specs = {name: {**spec, **scored} for name, spec, _ in conds}
+    sids = {name: spec_id(spec) for name, spec in specs.items()}
 
     resp_path, contr_path = out / "responses.jsonl", out / "contrastive.jsonl"
-    # a killed append can leave a torn last line: drop it before appending again
+    # a killed append can leave a torn last line; rows of a condition whose spec changed are dropped and redone
     responses = read_jsonl(resp_path, tolerate_torn_tail=True) if resp_path.exists() else []
-    contrastive = {r["intervention"]: r for r in read_jsonl(contr_path, tolerate_torn_tail=True)} \
-        if contr_path.exists() else {}
+    responses = [r for r in responses if sids.get(r["intervention"]) == r.get("spec")
+                 or r["intervention"] not in sids]
+    rows = {r["intervention"]: r for r in (read_jsonl(contr_path, tolerate_torn_tail=True)
+                                           if contr_path.exists() else []) if r.get("spec") == sids.get(r["intervention"])}
     write_jsonl(resp_path, responses)
-    write_jsonl(contr_path, contrastive.values())
+    write_jsonl(contr_path, rows.values())
     done = {(r["intervention"], r["question_id"], r["sample"]) for r in responses}
 
     t0 = time.time()
-    for i, (name, ctx) in enumerate(conds, 1):
+    for i, (name, _, ctx) in enumerate(conds, 1):
         print(f"[{i}/{len(conds)}] {name}", flush=True)
-        if pairs and name not in contrastive:
-            with ctx():
-                res = contrastive_by_domain(model, tok, pairs)
-            res["all"].pop("deltas")
-            contrastive[name] = {"intervention": name, **res}
-            append_jsonl(contr_path, [contrastive[name]])
+        if (pairs or neutral) and name not in rows:
+            rows[name] = {"intervention": name, "spec": sids[name], "spec_detail": specs[name],
+                          **score_condition(model, tok, ctx, pairs, neutral)}
+            append_jsonl(contr_path, [rows[name]])
         if questions:
-            sample_condition(model, tok, args, name, ctx, questions, resp_path, done)
+            sample_condition(model, tok, args, name, ctx, questions, resp_path, done, sids[name])
 
-    summary = {"model": args.model, "adapter": args.adapter, "conditions": {n: {} for n, _ in conds}}
-    for name, _ in conds:
-        if name in contrastive:
-            summary["conditions"][name]["contrastive"] = {k: v for k, v in contrastive[name].items()
-                                                          if k != "intervention"}
+    names = [n for n, _, _ in conds]
+    families = {f: [n for n in names if n.startswith(f"null_{f}_")] for f in ("shuffled", "random")}
+    summary = {"model": args.model, "adapter": args.adapter, "split": args.split if pairs else None,
+               "n_pairs": len(pairs or []), "steer_unit": args.steer_unit, "reference": args.reference,
+               "conditions": {n: {"spec": specs[n]} for n in names}, "not_applicable": na}
+    for n in names:
+        if "contrastive" in rows.get(n, {}):
+            summary["conditions"][n]["contrastive"] = {k: v for k, v in rows[n]["contrastive"].items() if k != "deltas"}
+    if pairs or neutral:
+        summary.update(summarise(rows, names, pairs, neutral, ref, {f: m for f, m in families.items() if m}))
     if questions and args.judge:
         import judge
 
-        rows = read_jsonl(resp_path)
-        judged = judge.judge_rows(rows, args.metrics.split(","), backend=args.judge, judge_model=args.judge_model,
-                                  concurrency=args.concurrency, cache_path=str(out / "judge_cache.jsonl"))
+        judged = judge.judge_rows(read_jsonl(resp_path), args.metrics.split(","), backend=args.judge,
+                                  judge_model=args.judge_model, concurrency=args.concurrency,
+                                  cache_path=str(out / "judge_cache.jsonl"))
         write_jsonl(out / "judged.jsonl", judged)
-        for name, _ in conds:
-            summary["conditions"][name]["em"] = judge.em_stats([r for r in judged if r["intervention"] == name])
-    if pairs:
-        summary["effects"] = {d: effects(summary, d) for d in summary["conditions"][conds[0][0]]["contrastive"]}
-        randoms = [n for n, _ in conds if n.startswith("random_")]
-        if randoms:
-            summary["random_band"] = {d: random_band([eff[n] for n in randoms])
-                                      for d, eff in summary["effects"].items() if eff}
+        for n in names:
+            summary["conditions"][n]["em"] = judge.em_stats([r for r in judged if r["intervention"] == n])
     write_json(out / "summary.json", summary)
     make_plots(summary, out / "plots")
     if args.export_orthogonalized:
         export_orthogonalized(model, tok, dirs[layer], args.export_orthogonalized)
         print(f"wrote orthogonalised model to {args.export_orthogonalized} (direction of layer {layer})")
 
-    for name, c in summary["conditions"].items():
-        parts = []
-        if "contrastive" in c:
-            parts += [f"{d} {v['mean_delta']:+.3f} ({v['pref_rate']:.0%})" for d, v in c["contrastive"].items()]
+    for n in names:
+        c, parts = summary["conditions"][n], []
+        for d, v in c.get("contrastive", {}).items():
+            eff = summary.get("effects", {}).get(d, {}).get(n)
+            parts.append(f"{d} {fmt_ci(v['mean_delta'], v['ci'])}" + (f" (effect {fmt_ci(eff['diff'], eff['ci'])})"
+                                                                       if eff and d in ("general", "medical") else ""))
         if c.get("em") and c["em"]["em_pct"] is not None:
             parts.append(f"EM {c['em']['em_pct']:.1f}% coherent {c['em']['coherent_pct']:.1f}%")
-        print(f"  {name:>18}: " + "; ".join(parts))
+        if not n.startswith("null_"):
+            print(f"  {n:>18}: " + "; ".join(p for p in parts if p.split()[0] in ("general", "medical", "EM")))
+    for n, why in na.items():
+        print(f"  {n:>18}: n/a ({why})")
     n_resp = sum(1 for _ in open(resp_path)) if questions else 0
-    print(f"wrote {out}/summary.json: {len(conds)} conditions, {n_resp} responses, "
-          f"{'judged' if args.judge and questions else 'not judged'}, {time.time() - t0:.0f}s")
+    print(f"wrote {out}/summary.json: {len(conds)} conditions on {len(pairs or [])} {args.split if pairs else ''} "
+          f"pairs, {n_resp} responses, {'judged' if args.judge and questions else 'not judged'}, "
+          f"{time.time() - t0:.0f}s")
 
 
 if __name__ == "__main__":
