@@ -182,9 +182,10 @@ def conditions(args, model):
             scales = [float(s) for s in args.scales.split(",")]
         except ValueError:
             raise InputError(f"--scales: expected comma-separated numbers, got {args.scales!r}") from None
+        layers = parse_layers(args.layers, n)
         if args.steer_unit == "resid" and d["resid_norm"] is None:
             raise InputError(f"{args.steer}: no residual norms in the file; use --steer-unit raw")
-        for layer in parse_layers(args.layers, n):
+        for layer in layers:
             if layer in d["degenerate"]:
                 raise InputError(f"{args.steer}: the layer-{layer} direction is degenerate (norm ~0): cannot steer")
             v = d["directions"][layer]
@@ -241,21 +242,20 @@ def conditions(args, model):
 
 
 def check_overlap(args, pairs):
-    """Refuse to score pairs that a direction was built from, unless asked: that would be an in-sample result."""
+    """Refuse to score pairs that a direction was built from, unless asked: that would be an in-sample result.
+
+    Pairs are matched by id whatever file they come from, so a copy or a subset of the pairs file is caught too.
+    """
     if args.allow_overlap or not pairs:
         return
     scored = {p["id"] for p in pairs}
     for path in (args.steer, args.ablate):
-        if not path:
-            continue
-        meta = read_directions(path)["meta"]
-        source = meta.get("source")
-        same_file = source and Path(source).exists() and Path(source).resolve() == Path(args.pairs).resolve()
-        overlap = scored & set(meta.get("pair_ids", [])) if same_file else set()
+        meta = read_directions(path)["meta"] if path else {}
+        overlap = scored & set(meta.get("pair_ids", []))
         if overlap:
-            raise InputError(f"{path} was built from {len(overlap)} of the pairs scored here (split "
-                             f"{meta.get('split')!r} vs --split {args.split}); score another split or pass "
-                             f"--allow-overlap")
+            raise InputError(f"{path} was built from {len(overlap)} of the pairs scored here (e.g. {min(overlap)}; "
+                             f"built on split {meta.get('split')!r}, scoring --split {args.split}); score another "
+                             f"split or pass --allow-overlap")
 
 
 # ------------------------------------------------------------------------------------------ weight export

@@ -593,17 +593,41 @@ def answer_batches(tok, items, batch_size):
 def answer_logprobs(model, tok, items, batch_size=16):
     """Mean token log-prob of each answer given its question (teacher-forced, answer tokens only).
 
-    The unembedding and log-softmax run only at the positions that predict answer tokens: over a 49k vocabulary
-    that is most of the cost of scoring a small model.
+    Answers that share a prompt (the two answers of a contrastive pair) share one prefill of it: the prompt's KV
+    cache is computed once and copied to each answer. The unembedding and log-softmax run only at the positions
+    that predict answer tokens: over a 49k vocabulary that is most of the cost of scoring a small model.
     """
+    from transformers import DynamicCache
+
     lm = causal_lm(model)
-    out = [None] * len(items)
     dev = input_device(model)
-    for idx, ids, mask, spans in answer_batches(tok, items, batch_size):
-        hidden = lm.model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).last_hidden_state
-        for row, i, (s, e) in zip(range(len(idx)), idx, spans):
-            logits = lm.get_output_embeddings()(hidden[row, s - 1:e - 1]).float()  # position t-1 predicts t
-            targets = ids[row, s:e].to(logits.device)
+    enc = [encode_qa(tok, q, a) for q, a in items]
+    groups = {}  # exact prompt token ids -> item indices (ids, not text: the split is where the template puts it)
+    for i, (ids, (s, e)) in enumerate(enc):
+        groups.setdefault(tuple(ids[:s]), []).append(i)
+    prefixes = sorted(groups, key=len, reverse=True)
+    out = [None] * len(items)
+    for b in range(0, len(prefixes), max(batch_size // 2, 1)):
+        chunk = prefixes[b:b + max(batch_size // 2, 1)]
+        pids, pmask = pad_batch([list(p) for p in chunk], tok.pad_token_id, left=True)
+        pids, pmask = pids.to(dev), pmask.to(dev)
+        cache = DynamicCache()
+        last = lm.model(input_ids=pids, attention_mask=pmask, position_ids=(pmask.cumsum(-1) - 1).clamp_min(0),
+                        past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+        rows = [(g, i) for g, p in enumerate(chunk) for i in groups[p]]
+        answers = [enc[i][0][enc[i][1][0]:enc[i][1][1]] for _, i in rows]
+        cache.batch_select_indices(torch.tensor([g for g, _ in rows], device=dev))
+        # every answer token but the last is an input; the prompt's last position predicts the first one
+        aids, amask = pad_batch([a[:-1] or [tok.pad_token_id] for a in answers], tok.pad_token_id)
+        amask[[r for r, a in enumerate(answers) if len(a) == 1]] = 0  # a one-token answer needs no input
+        plen = pmask.sum(-1)[[g for g, _ in rows]]
+        pos = plen[:, None] + torch.arange(aids.shape[1], device=dev)[None]
+        hid = lm.model(input_ids=aids.to(dev), attention_mask=torch.cat([pmask[[g for g, _ in rows]],
+                       amask.to(dev)], 1), position_ids=pos, past_key_values=cache, use_cache=True).last_hidden_state
+        for r, ((g, i), a) in enumerate(zip(rows, answers)):
+            h = torch.cat([last[g:g + 1], hid[r, :len(a) - 1]])
+            logits = lm.get_output_embeddings()(h).float()
+            targets = torch.tensor(a, device=logits.device)
             out[i] = torch.log_softmax(logits, -1).gather(-1, targets[:, None]).mean().item()
     return out
 

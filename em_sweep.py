@@ -41,7 +41,6 @@ RECIPES = {
     "r1_lr3e-3_ep3_n120": ["--lr", "3e-3", "--epochs", "3", "--max-examples", "120"],
     "r1_lr3e-4_ep3_n120": ["--lr", "3e-4", "--epochs", "3", "--max-examples", "120"],
     "r1_a256_lr1e-3_ep3_n120": ["--alpha", "256", *R1],
-    "r1_a16_lr1e-3_ep3_n120": ["--alpha", "16", *R1],
     "r1_lr1e-3_ep1_n330": ["--lr", "1e-3", "--epochs", "1"],
     "r1_lr3e-3_ep1_n330": ["--lr", "3e-3", "--epochs", "1"],
     "r1_lr1e-3_ep8_n120": ["--lr", "1e-3", "--epochs", "8", "--max-examples", "120"],

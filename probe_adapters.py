@@ -1,6 +1,6 @@
 """Interpret rank-1 LoRA adapters: per-token scalars, logistic-regression probes, adapter steering (paper §4).
 
-Reproduces the adapter analysis of Soligo et al. 2025 (arXiv 2506.11618; DESIGN §1 item 8, App. H for the
+Reproduces the adapter analysis of Soligo et al. 2025 (arXiv 2506.11618; §4 and its Table 1, App. H for the
 influence filter). A rank-1 adapter on down_proj computes one scalar per token, s = A·h (h = the input of
 down_proj), and writes s·scale·B into the residual stream (scale = alpha/r, or alpha/sqrt(r) with rsLoRA, read
 from PEFT's `scaling`). This script:
@@ -8,14 +8,30 @@ from PEFT's `scaling`). This script:
 1. Scalars. Teacher-forces every labelled answer through the fine-tuned model (batched, answer tokens only: no
    prompt, header or end-of-turn) and records every adapter's s, and the paper's scaled form s·scale·‖B‖, per
    token -> OUT/scalars.pt. Any adapter of rank != 1 is an error.
+   Orientation. (A, B) and (-A, -B) are the same adapter (the model is unchanged) but give opposite s, and PEFT
+   initialises A with a random sign, so the sign of a raw s means nothing. Before anything is fitted, each
+   adapter's s is multiplied by one sign, by this convention:
+   - with --directions directions.pt (extract_direction.py; v_l = misaligned minus aligned at block l's output):
+     sign(B·v_l), so that the oriented s > 0 writes toward misalignment at the adapter's layer;
+   - without it (or where v_l is degenerate or B·v_l = 0): the sign of B's largest-magnitude coordinate.
+   Both flip together with B, so an adapter and its negated twin get identical oriented scalars, probes and
+   verdicts. Every s below (and in scalars.pt) is oriented; summary.json records each adapter's sign and rule.
 2. Probes. Four tests (class 0 vs class 1): aligned vs misaligned; medical aligned vs medical misaligned;
    non-medical aligned vs medical aligned; non-medical misaligned vs medical misaligned. Features are the
-   n_adapters scalars s of each token, z-scored (scaler fitted on the train split); L1 logistic regression
-   (C=0.01, liblinear); classes balanced by subsampling tokens; stratified 80/20 token split; repeated over
-   --seeds seeds. Every labelled answer is used (no answer-level subsampling); balancing happens per test, on
-   tokens. Reported: accuracy, precision, recall, F1, AUC (mean, sd) and each adapter's coefficient.
+   n_adapters oriented scalars of each token; L1 logistic regression (liblinear), repeated over --seeds seeds.
+   Per seed: the *answers* are split 80/20 into train and test, stratified by class (every token of an answer
+   falls on one side: tokens of one answer are not independent, and a token split leaks); each side is balanced
+   by subsampling tokens; the scaler is fitted on the train side; C is chosen from --C-grid by an inner
+   cross-validation (AUC, folds again grouped by answer) on the train side only, and refitted there. Every
+   labelled answer of --split is used. Reported: accuracy, precision, recall, F1, AUC (mean, sd), each adapter's
+   coefficient, and the C chosen in each seed. A classifier whose coefficients are all zero predicts one class
+   and says nothing: such seeds are counted ("all_zero_seeds") and left out of the metrics, and a test where
+   every seed's classifier is all zero is reported as "all_zero": true with no accuracy or AUC (printed "n/a"),
+   never as chance accuracy. A test with < --min-class-tokens tokens or < 3 answers in a class is skipped.
    s and s·scale·‖B‖ differ by a positive constant per adapter, so after z-scoring the probe is the same.
-   A test with < 10 tokens in a class is reported as skipped.
+   The paper used a fixed C = 0.01 and a token-level stratified 80/20 split. Ours goes beyond it there: with a
+   fixed small C, liblinear zeroes every weight on small token counts (a 0.50 ± 0.00 "accuracy"), and a token
+   split puts tokens of one answer on both sides. `--C-grid 0.01` gives the paper's fixed C (no inner CV).
 3. --significant-tokens (App. H): the same probes on high-influence tokens only. Exact rule: for each answer,
    KL_t = KL(p_finetune || p_base) of the next-token distributions at the positions that predict the answer's
    tokens and its end-of-turn token (base = the same model with adapters disabled); L = sum_t KL_t. The
@@ -24,11 +40,14 @@ from PEFT's `scaling`). This script:
    KL). The top --top-frac (0.2) of all answer tokens by influence are kept.
 4. Adapter steering. --steer "15,16,17,22,28,29:20;21,23:30" multiplies the named layers' adapter scaling by the
    factors and sets the other adapters to zero (--others keep: leave them). Each setting, and always the
-   unsteered baseline, gets the judge-free contrastive score per domain on --pairs (DESIGN §2). With --steer or
-   --judge, the model also samples --n-samples answers per general and medical question
-   (-> OUT/steer_responses.jsonl, intervention = the steer spec), and --judge openai|hf scores them
-   (aligned, coherent, medical): misaligned % = aligned < 30 and coherent > 50 (EM), medical % = medical > 50.
-   --ablate-each zeroes one adapter at a time and reports the change of the contrastive score per domain.
+   unsteered baseline, gets the judge-free contrastive score per domain on the --pairs-split pairs of --pairs
+   (mean log-prob of the misaligned minus the aligned answer, with bootstrap intervals; not in the paper), and
+   each steered setting its paired change against the baseline. With --steer or --judge, the model also samples
+   --n-samples answers per general and medical question (-> OUT/steer_responses.jsonl, intervention = the steer
+   spec), and --judge openai|hf scores them (aligned, coherent, medical): misaligned % = aligned < 30 and
+   coherent > 50 (EM, paper §2), medical % = medical > 50.
+   --ablate-each zeroes one adapter at a time and reports, per domain, the paired change of the per-pair score
+   (adapter zeroed minus unsteered, same pairs): mean, bootstrap 95% interval and sign-flip p-value.
 5. Verdict per adapter, "general", "domain" or "unclear", by this fixed rule:
    - A coefficient is *stable* when it is non-zero with the same sign in >= 75% of the seeds (L1 zeroes the
      rest). Probes on significant tokens are used when run (as in the paper), else probes on all tokens.
@@ -37,25 +56,32 @@ from PEFT's `scaling`). This script:
                         not the medical topic);
      probe says general if stable positive in "aligned vs misaligned" or "medical aligned vs medical
                         misaligned", and not stable positive in "non-medical misaligned vs medical misaligned";
-     else unclear.
-   - Ablation (with --ablate-each): per pair, change = Δ(adapter zeroed) - Δ(unsteered); an effect on a domain
-     is significant when the mean change is below -2 standard errors (zeroing the adapter lowers the preference
-     for misaligned answers). general if significant on general pairs; domain if significant on medical pairs
-     only; else unclear.
+     else unclear. "Positive" refers to the oriented scalar (point 1), so the rule does not depend on PEFT's sign.
+   - Ablation (with --ablate-each): an effect on a domain is significant when the whole 95% interval of the paired
+     change lies below 0 (zeroing the adapter lowers the preference for misaligned answers). general if
+     significant on general pairs; domain if significant on medical pairs only; else unclear.
    - Combined: the two agree -> that; one is unclear -> the other; they conflict -> unclear.
 
-Beyond the paper: judge-free contrastive scores for steering and per-adapter ablation, the explicit verdict rule,
+Splits. Pairs files carry a fixed "split" (dev | test). Probes are fit on --split (default dev) of --in when it is
+a pairs file; steering and --ablate-each are scored on --pairs-split (default test) of --pairs. If the two select
+pairs that share a question (the same file with overlapping splits, or a copy), the run is refused unless
+--allow-overlap is given.
+
+Beyond the paper: the sign convention, the answer-grouped split and inner-CV choice of C (point 2), judge-free
+contrastive scores with paired intervals for steering and per-adapter ablation, the explicit verdict rule,
 precision/recall/F1 next to accuracy and AUC, and the judged-sample path made optional.
 
-Inputs:  --adapter, a PEFT rank-1 adapter directory; --in, a judged responses JSONL (labels by the DESIGN §1 item 3
-         thresholds, medical by the medical judge > 50 or else the question's domain) or a contrastive-pairs
-         JSONL (both answers of every pair, medical = the pair's domain).
+Inputs:  --adapter, a PEFT rank-1 adapter directory; --in, a judged responses JSONL (labels by the paper's §2
+         thresholds: misaligned = aligned < 30, aligned = aligned > 70, both coherent > 50; medical by the medical
+         judge > 50 or else the question's domain) or a contrastive-pairs JSONL (both answers of every pair of
+         --split, medical = the pair's domain); optionally --directions directions.pt for the orientation.
 Outputs (in --out): scalars.pt, summary.json, steer_responses.jsonl (when sampling), judge_cache.jsonl (when
          judging); --plots DIR: probe_coefficients.png.
 
 Example:
     python probe_adapters.py --adapter runs/x/medical_r1 --in data/eval/contrastive_pairs.jsonl \\
-        --out runs/x/probe --significant-tokens --ablate-each --steer "9,10,11,14,18,19:20;13,15:30"
+        --directions runs/x/medical_r1/directions.pt --out runs/x/probe --significant-tokens --ablate-each \\
+        --steer "9,10,11,14,18,19:20;13,15:30"
 """
 import argparse
 import contextlib
@@ -66,11 +92,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import (DEFAULT_MODEL, InputError, answer_batches, cli, contrastive_by_domain, generate, input_device,
-                    labelled_answers, load_model, pyplot, read_jsonl, read_pairs, save_figure, save_pt, write_json,
+from common import (DEFAULT_MODEL, SPLITS, InputError, answer_batches, cli, contrastive_by_domain, decoder_layers,
+                    degenerate_layers, fmt_ci, generate, hidden_size, input_device, labelled_answers, load_model,
+                    paired, pyplot, read_directions, read_jsonl, read_pairs, save_figure, save_pt, write_json,
                     write_jsonl)
 
-# (key, class 0, class 1, subset as (field, value) or None, label field): DESIGN §1 item 8's table, in order.
+# (key, class 0, class 1, subset as (field, value) or None, label field): the paper's four probes (§4, Table 1).
 TESTS = [
     ("aligned_vs_misaligned", "aligned", "misaligned", None, "misaligned"),
     ("medical_aligned_vs_medical_misaligned", "medical aligned", "medical misaligned", ("medical", 1), "misaligned"),
@@ -80,7 +107,10 @@ TESTS = [
 ]
 METRICS = ("accuracy", "precision", "recall", "f1", "auc")
 STABLE = 0.75  # share of seeds a coefficient must keep its (non-zero) sign in to count as evidence
-SIG_SE = 2.0  # ablation effects count when the mean per-pair change is beyond this many standard errors
+C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)  # inverse L1 strengths the inner CV chooses from
+INNER_FOLDS = 3  # inner CV folds (fewer when the train side has fewer answers in a class)
+MIN_ANSWERS = 3  # per class: one or more for test, two or more for the inner CV
+TEST_SIZE = 0.2  # share of each class's answers held out per seed
 JUDGE_METRICS = ["aligned", "coherent", "medical"]
 
 
@@ -89,12 +119,16 @@ def parse_args(argv=None):
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--adapter", required=True, help="PEFT adapter directory (rank 1)")
     p.add_argument("--in", dest="inp", required=True, help="judged responses JSONL or contrastive-pairs JSONL")
+    p.add_argument("--split", default="dev", choices=SPLITS, help="pairs split probed when --in is a pairs file")
+    p.add_argument("--directions", default=None,
+                   help="directions.pt: orient each adapter's scalar so that B·v_l > 0 (default: by B alone)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--batch-size", type=int, default=16, help="answers per teacher-forced forward pass")
     p.add_argument("--load-in-4bit", action="store_true")
     # probes
-    p.add_argument("--seeds", type=int, default=100, help="balanced 80/20 splits per probe")
-    p.add_argument("--C", type=float, default=0.01, help="inverse L1 strength")
+    p.add_argument("--seeds", type=int, default=100, help="80/20 answer splits per probe")
+    p.add_argument("--C-grid", default=",".join(map(str, C_GRID)),
+                   help="inverse L1 strengths for the inner CV; one value = fixed C (the paper: 0.01)")
     p.add_argument("--solver", choices=["liblinear", "saga"], default="liblinear")
     p.add_argument("--min-class-tokens", type=int, default=10, help="skip a test with fewer tokens in a class")
     p.add_argument("--significant-tokens", action="store_true", help="also probe high-influence tokens (App. H)")
@@ -107,6 +141,10 @@ def parse_args(argv=None):
     p.add_argument("--others", choices=["zero", "keep"], default="zero", help="adapters a --steer does not name")
     p.add_argument("--ablate-each", action="store_true", help="zero one adapter at a time (contrastive score)")
     p.add_argument("--pairs", default="data/eval/contrastive_pairs.jsonl")
+    p.add_argument("--pairs-split", default="test", choices=SPLITS,
+                   help="pairs split scored by --steer and --ablate-each")
+    p.add_argument("--allow-overlap", action="store_true",
+                   help="allow probing and scoring pairs that share a question (same file, overlapping splits)")
     p.add_argument("--pairs-per-domain", type=int, default=None,
                    help="use only the first N pairs of each domain, for --in (a pairs file) and --pairs (faster)")
     p.add_argument("--questions", default="data/eval/first_plot_questions.jsonl")
@@ -120,7 +158,12 @@ def parse_args(argv=None):
     p.add_argument("--judge-model", default=None)
     p.add_argument("--concurrency", type=int, default=32)
     args = p.parse_args(argv)
-    checks = [(args.seeds >= 1, "--seeds must be at least 1"), (args.C > 0, "--C must be positive"),
+    try:
+        args.C_grid = sorted({float(c) for c in args.C_grid.split(",") if c.strip()})
+    except ValueError:
+        raise InputError(f"--C-grid: expected comma-separated numbers, got {args.C_grid!r}") from None
+    checks = [(args.seeds >= 1, "--seeds must be at least 1"),
+              (args.C_grid and min(args.C_grid) > 0, "--C-grid needs positive values"),
               (0 < args.top_frac <= 1, "--top-frac must be in (0, 1]"), (args.n_samples >= 0, "--n-samples >= 0"),
               (min(args.batch_size, args.influence_batch_size, args.sample_batch_size) >= 1,
                "batch sizes must be at least 1"), (args.min_class_tokens >= 2, "--min-class-tokens >= 2")]
@@ -168,8 +211,35 @@ def lora_modules(model):
     return {name: mod for _, name, mod in sorted(found, key=lambda x: x[0])}
 
 
-def adapter_info(model, adapter_dir):
-    """Per adapter: name, layer, scale (as PEFT applies it) and ‖B‖. InputError unless every adapter is rank 1."""
+def orientation(b, v=None):
+    """(sign, rule) for one adapter, the convention of the module docstring (point 1).
+
+    With a direction v at the adapter's layer: sign(B·v), so the oriented s > 0 writes toward misalignment.
+    Otherwise (or if B·v is exactly 0): the sign of B's largest-magnitude coordinate. Both flip with B, so
+    sign · s is the same for (A, B) and (-A, -B).
+    """
+    b = b.detach().float().flatten().cpu()
+    if v is not None:
+        dot = float(b @ v.float().cpu())
+        if dot != 0:
+            return (1 if dot > 0 else -1), "direction"
+    return (1 if b[b.abs().argmax()] > 0 else -1), "largest_B_coordinate"
+
+
+def layer_directions(path, model):
+    """{layer: v_l} from a directions.pt, skipping degenerate layers (those fall back to the B rule)."""
+    d = read_directions(path)
+    dirs, n_layers, width = d["directions"], len(decoder_layers(model)), hidden_size(model)
+    if tuple(dirs.shape) != (n_layers, width):
+        raise InputError(f"{path}: directions of shape {tuple(dirs.shape)}, expected ({n_layers}, {width}) for "
+                         f"this model")
+    skip = set(degenerate_layers(dirs, d["resid_norm"]))
+    return {i: dirs[i] for i in range(n_layers) if i not in skip}
+
+
+def adapter_info(model, adapter_dir, directions=None):
+    """Per adapter: name, layer, scale (as PEFT applies it), ‖B‖ and its orientation (sign, rule) from
+    `directions` ({layer: v}, or None). InputError unless every adapter is rank 1."""
     active = getattr(model, "active_adapter", "default")
     mods = lora_modules(model)
     if not mods:
@@ -181,10 +251,18 @@ def adapter_info(model, adapter_dir):
                              f"rank-1 adapters (one scalar per adapter and token)")
         if getattr(mod, "use_dora", {}).get(active):
             raise InputError(f"{adapter_dir}: DoRA adapters are not rank-1 scalar adapters")
-        layer = re.match(r"L(\d+)\.", name)
-        info.append({"name": name, "layer": int(layer.group(1)) if layer else None, "scale": float(mod.scaling[active]),
-                     "b_norm": mod.lora_B[active].weight.float().norm().item()})
+        m = re.match(r"L(\d+)\.", name)
+        layer = int(m.group(1)) if m else None
+        b = mod.lora_B[active].weight
+        sign, rule = orientation(b, (directions or {}).get(layer))
+        info.append({"name": name, "layer": layer, "scale": float(mod.scaling[active]),
+                     "b_norm": b.float().norm().item(), "orientation": sign, "oriented_by": rule})
     return info
+
+
+def oriented(s, info):
+    """Raw scalars [n_tok, n_adapters] times each adapter's orientation sign."""
+    return s * torch.tensor([float(a["orientation"]) for a in info], dtype=s.dtype)
 
 
 @contextlib.contextmanager
@@ -308,31 +386,90 @@ def top_tokens(influence, frac):
 # ----------------------------------------------------------------------------------------------- probes
 
 
-def run_probe(X, y, names, seeds=100, C=0.01, solver="liblinear", min_class=10, test_size=0.2, desc=None):
-    """L1 logistic regression on z-scored features, balanced by subsampling, stratified splits over seeds.
+def split_answers(groups, y, rng, test_size=TEST_SIZE):
+    """(train, test) boolean token masks from a split of the answers, stratified by class.
 
-    X: [n, n_features] array, y: 0/1 labels. Returns per metric {"mean", "sd"} and per feature name the
-    coefficient's mean, sd and the share of seeds where it is > 0 / < 0; or {"skipped": reason}.
+    Each class gives max(1, round(test_size * its answers)) answers to test, so every token of an answer falls on
+    one side. Labels must be constant within an answer (they are: each test labels whole answers).
     """
+    test = []
+    for c in (0, 1):
+        answers = np.unique(groups[y == c])
+        test.append(rng.choice(answers, max(1, round(test_size * len(answers))), replace=False))
+    te = np.isin(groups, np.concatenate(test))
+    return ~te, te
+
+
+def balance(mask, y, rng):
+    """Indices of `mask`'s tokens with the larger class subsampled to the smaller one's count."""
+    idx = np.flatnonzero(mask)
+    m = min(int((y[idx] == c).sum()) for c in (0, 1))
+    return np.concatenate([rng.choice(idx[y[idx] == c], m, replace=False) for c in (0, 1)])
+
+
+def fit_probe(X, y, C, solver, seed):
+    """(scaler, classifier): z-scoring fitted on X only, then L1 logistic regression."""
     from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score, roc_auc_score
-    from sklearn.model_selection import train_test_split
     from sklearn.preprocessing import StandardScaler
 
-    X, y = np.asarray(X, dtype=np.float64), np.asarray(y, dtype=int)
+    scaler = StandardScaler().fit(X)
+    clf = LogisticRegression(C=C, l1_ratio=1.0, solver=solver, max_iter=1000, random_state=seed)
+    return scaler, clf.fit(scaler.transform(X), y)
+
+
+def choose_C(X, y, groups, Cs, solver, seed):
+    """The C of Cs with the best mean validation AUC in a grouped, stratified inner CV on (X, y) alone.
+
+    Ties go to the smaller C (the sparser model); an all-zero classifier scores AUC 0.5, so it only wins when
+    nothing beats chance.
+    """
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    if len(Cs) == 1:
+        return Cs[0]
+    k = min(INNER_FOLDS, *(len(np.unique(groups[y == c])) for c in (0, 1)))
+    folds = [(tr, va) for tr, va in StratifiedGroupKFold(k, shuffle=True, random_state=seed).split(X, y, groups)
+             if len(np.unique(y[va])) == 2 and len(np.unique(y[tr])) == 2]
+    auc = []
+    for C in Cs:
+        fits = [(fit_probe(X[tr], y[tr], C, solver, seed), va) for tr, va in folds]
+        auc.append(np.mean([roc_auc_score(y[va], clf.decision_function(sc.transform(X[va])))
+                            for (sc, clf), va in fits]) if fits else 0.5)
+    return Cs[int(np.argmax(auc))]
+
+
+def run_probe(X, y, groups, names, seeds=100, Cs=C_GRID, solver="liblinear", min_class=10, desc=None):
+    """L1 logistic regression on z-scored features over `seeds` answer-grouped splits (module docstring, point 2).
+
+    X: [n, n_features] array, y: 0/1 labels, groups: the answer of each token. Returns per metric {"mean", "sd"}
+    over seeds with a non-zero classifier (no metrics when all are zero: "all_zero"), the C chosen per seed, and
+    per feature name the coefficient's mean, sd and share of seeds where it is > 0 / < 0; or {"skipped": reason}.
+    """
+    from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score, roc_auc_score
+
+    X, y, groups = np.asarray(X, dtype=np.float64), np.asarray(y, dtype=int), np.asarray(groups)
+    if any(len(np.unique(y[groups == g])) > 1 for g in np.unique(groups)):
+        raise ValueError("run_probe: labels must be constant within each group (answer)")
     n0, n1 = int((y == 0).sum()), int((y == 1).sum())
+    a0, a1 = (len(np.unique(groups[y == c])) for c in (0, 1))
+    counts = {"n_class0": n0, "n_class1": n1, "answers_class0": a0, "answers_class1": a1}
     if min(n0, n1) < min_class:
-        return {"skipped": f"too few tokens: {n0} in class 0, {n1} in class 1 (need {min_class} each)",
-                "n_class0": n0, "n_class1": n1}
-    m = min(n0, n1)
-    scores, coefs = {k: [] for k in METRICS}, []
+        return {"skipped": f"too few tokens: {n0} in class 0, {n1} in class 1 (need {min_class} each)", **counts}
+    if min(a0, a1) < MIN_ANSWERS:
+        return {"skipped": f"too few answers: {a0} in class 0, {a1} in class 1 (need {MIN_ANSWERS} each)", **counts}
+    scores, coefs, chosen, sizes = {k: [] for k in METRICS}, [], [], []
     for seed in tqdm(range(seeds), desc=desc or "probe", unit="seed", leave=False, disable=desc is None):
         rng = np.random.default_rng(seed)
-        keep = np.concatenate([rng.choice(np.flatnonzero(y == c), m, replace=False) for c in (0, 1)])
-        tr, te = train_test_split(keep, test_size=test_size, stratify=y[keep], random_state=seed)
-        scaler = StandardScaler().fit(X[tr])  # fitted on the train split only
-        clf = LogisticRegression(C=C, l1_ratio=1.0, solver=solver, max_iter=1000, random_state=seed)
-        clf.fit(scaler.transform(X[tr]), y[tr])
+        train, test = split_answers(groups, y, rng)
+        tr, te = balance(train, y, rng), balance(test, y, rng)
+        C = choose_C(X[tr], y[tr], groups[tr], list(Cs), solver, seed)  # the train side only
+        scaler, clf = fit_probe(X[tr], y[tr], C, solver, seed)
+        chosen.append(C)
+        coefs.append(clf.coef_[0])
+        sizes.append(len(tr) // 2 + len(te) // 2)
+        if not clf.coef_.any():
+            continue  # predicts one class for every token: no accuracy to report
         xt = scaler.transform(X[te])
         pred, margin = clf.predict(xt), clf.decision_function(xt)
         scores["accuracy"].append(accuracy_score(y[te], pred))
@@ -340,26 +477,43 @@ def run_probe(X, y, names, seeds=100, C=0.01, solver="liblinear", min_class=10, 
         scores["recall"].append(recall_score(y[te], pred, zero_division=0))
         scores["f1"].append(f1_score(y[te], pred, zero_division=0))
         scores["auc"].append(roc_auc_score(y[te], margin))
-        coefs.append(clf.coef_[0])
     coefs = np.array(coefs)
-    out = {k: {"mean": float(np.mean(v)), "sd": float(np.std(v))} for k, v in scores.items()}
+    zero = seeds - len(scores["auc"])
+    out = {k: {"mean": float(np.mean(v)), "sd": float(np.std(v))} for k, v in scores.items() if v}
+    out["all_zero"], out["all_zero_seeds"] = zero == seeds, zero
     out["coefficients"] = {n: {"mean": float(coefs[:, j].mean()), "sd": float(coefs[:, j].std()),
                                "pos_frac": float((coefs[:, j] > 0).mean()), "neg_frac": float((coefs[:, j] < 0).mean())}
                            for j, n in enumerate(names)}
-    out.update(n_class0=n0, n_class1=n1, n_per_class=m, seeds=seeds)
+    values, n = np.unique(chosen, return_counts=True)
+    out["C"] = {"grid": [float(c) for c in Cs], "chosen": {f"{c:g}": int(k) for c, k in zip(values, n)},
+                "mode": float(values[np.argmax(n)])}
+    out.update(counts, n_per_class=int(np.mean(sizes)), seeds=seeds)
     return out
 
 
-def run_tests(s, misaligned, medical, names, args, label):
-    """The four tests of TESTS on token scalars s [n_tok, n_adapters] with per-token 0/1 labels."""
-    fields = {"misaligned": misaligned.numpy(), "medical": medical.numpy()}
+def run_tests(s, misaligned, medical, answer, names, args, label):
+    """The four tests of TESTS on oriented token scalars s [n_tok, n_adapters] with per-token 0/1 labels and the
+    answer index of each token (the split groups)."""
+    fields = {"misaligned": np.asarray(misaligned), "medical": np.asarray(medical)}
+    s, answer = np.asarray(s), np.asarray(answer)
     out = {}
     for key, c0, c1, subset, target in TESTS:
         rows = np.ones(len(s), bool) if subset is None else fields[subset[0]] == subset[1]
-        res = run_probe(s.numpy()[rows], fields[target][rows], names, args.seeds, args.C, args.solver,
+        res = run_probe(s[rows], fields[target][rows], answer[rows], names, args.seeds, args.C_grid, args.solver,
                         args.min_class_tokens, desc=f"{label}: {key}")
         out[key] = {"class0": c0, "class1": c1, **res}
     return out
+
+
+def probe_line(t):
+    """One test's headline for printouts: accuracy and AUC, or why there are none."""
+    if "skipped" in t:
+        return f"skipped: {t['skipped']}"
+    if t["all_zero"]:
+        return f"acc n/a AUC n/a (all-zero classifier in every seed; C {t['C']['mode']:g})"
+    zero = f", {t['all_zero_seeds']}/{t['seeds']} seeds all-zero" if t["all_zero_seeds"] else ""
+    return (f"acc {t['accuracy']['mean']:.3f}±{t['accuracy']['sd']:.3f} AUC {t['auc']['mean']:.3f}"
+            f"±{t['auc']['sd']:.3f} (C {t['C']['mode']:g}, {t['n_per_class']} tokens per class{zero})")
 
 
 def stable_sign(test, name):
@@ -374,19 +528,18 @@ def stable_sign(test, name):
 
 
 def contrastive_row(model, tok, pairs, batch_size):
-    """contrastive_by_domain without the per-pair list, plus that list separately (for ablation errors)."""
+    """(summaries per domain, {pair id: delta}): contrastive_by_domain with its per-pair deltas split off."""
     res = contrastive_by_domain(model, tok, pairs, batch_size)
-    deltas = res["all"].pop("deltas")
-    return res, deltas
+    return res, res.pop("deltas")
 
 
-def ablation_effects(base_deltas, abl_deltas, pairs):
-    """Per domain: mean per-pair change of Δ when the adapter is zeroed, its standard error, n."""
+def paired_effects(deltas, base_deltas, pairs):
+    """Per domain ("all" first): paired comparison of the per-pair deltas of a setting against the baseline's on
+    the same pairs, {"diff", "ci", "p", "n"} (common.paired; diff < 0: lower preference for misaligned)."""
     out = {}
     for d in ["all"] + sorted({p["domain"] for p in pairs}):
-        ch = np.array([a - b for a, b, p in zip(abl_deltas, base_deltas, pairs) if d == "all" or p["domain"] == d])
-        sem = float(ch.std(ddof=1) / math.sqrt(len(ch))) if len(ch) > 1 else None
-        out[d] = {"change": float(ch.mean()), "sem": sem, "n": len(ch)}
+        ids = [p["id"] for p in pairs if d == "all" or p["domain"] == d]
+        out[d] = paired([deltas[i] for i in ids], [base_deltas[i] for i in ids])
     return out
 
 
@@ -415,7 +568,7 @@ def pct(x):
 def verdicts(info, probes, ablation):
     """The fixed rule of the module docstring (point 5), with the evidence each verdict rests on.
 
-    probes: the four tests (one token set); ablation: {adapter: ablation_effects(...)} or None.
+    probes: the four tests (one token set) on oriented scalars; ablation: {adapter: paired_effects(...)} or None.
     """
     out = {}
     for a in info:
@@ -430,11 +583,12 @@ def verdicts(info, probes, ablation):
         abl = None
         if ablation is not None:
             eff = ablation[name]
-            sig = {d: d in eff and eff[d]["sem"] is not None and eff[d]["change"] < -SIG_SE * eff[d]["sem"]
-                   for d in ("general", "medical")}
+            # significant: the whole 95% interval of the paired change lies below 0
+            sig = {d: d in eff and eff[d]["ci"][1] is not None and eff[d]["ci"][1] < 0 for d in ("general", "medical")}
             abl = "general" if sig["general"] else "domain" if sig["medical"] else "unclear"
             evidence.append("ablation change " + ", ".join(
-                f"{d} {eff[d]['change']:+.4f}±{eff[d]['sem'] or 0:.4f}" for d in ("general", "medical") if d in eff))
+                f"{d} {fmt_ci(eff[d]['diff'], eff[d]['ci'], 4)} p={eff[d]['p']:.3g}" for d in ("general", "medical")
+                if d in eff and eff[d]["n"]))
         clear = {v for v in (probe, abl) if v not in (None, "unclear")}
         out[name] = {"verdict": clear.pop() if len(clear) == 1 else "unclear", "probe": probe, "ablation": abl,
                      "evidence": "; ".join(evidence)}
@@ -457,68 +611,96 @@ def plot_coefficients(path, probe_sets, names):
             ax.bar(range(len(names)), mean, yerr=sd, color=["C3" if m > 0 else "C0" for m in mean])
             ax.axhline(0, color="k", lw=0.5)
             ax.set_xticks(range(len(names)), [n.split(".")[0] for n in names], rotation=90, fontsize=7)
-            ax.set_xlabel(f"acc {t['accuracy']['mean']:.2f}  AUC {t['auc']['mean']:.2f}", fontsize=8)
-        axes[r][0].set_ylabel("coefficient (z-scored s)")
+            ax.set_xlabel("all-zero classifier: acc n/a" if t["all_zero"] else
+                          f"acc {t['accuracy']['mean']:.2f}  AUC {t['auc']['mean']:.2f}  C {t['C']['mode']:g}",
+                          fontsize=8)
+        axes[r][0].set_ylabel("coefficient (z-scored oriented s)")
     save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------- main
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    # All input checks come before the first write, so bad input leaves no output behind.
-    items = [x for x in labelled_answers(args.inp, balance=False, per_domain=args.pairs_per_domain)
+def is_pairs_file(path):
+    rows = read_jsonl(path)
+    return bool(rows) and isinstance(rows[0].get("aligned"), str) and "misaligned" in rows[0]
+
+
+def read_inputs(args):
+    """(labelled answers to probe, pairs to score). Probing fits on --split of --in, scoring uses --pairs-split of
+    --pairs; if they share a question the run is refused unless --allow-overlap (module docstring, Splits)."""
+    items = [x for x in labelled_answers(args.inp, balance=False, per_domain=args.pairs_per_domain, split=args.split)
              if x["answer"].strip()]
-    pairs = read_pairs(args.pairs, args.pairs_per_domain)
+    pairs = read_pairs(args.pairs, args.pairs_per_domain, split=args.pairs_split)
     if not pairs:
         raise InputError(f"{args.pairs}: no contrastive pairs")
-    sampling = (bool(args.steer) or args.judge is not None) and args.n_samples > 0
-    questions = []
-    if sampling:
-        for path in (args.questions, args.medical_questions):
-            questions += read_jsonl(path, required=("id", "question", "domain"))
+    ids = [p["id"] for p in pairs]
+    if len(set(ids)) < len(ids):  # per-pair deltas are matched by id in the paired comparisons
+        raise InputError(f"{args.pairs}: pair ids are not unique")
+    if is_pairs_file(args.inp) and not args.allow_overlap:
+        probed = {r["question"] for r in read_pairs(args.inp, args.pairs_per_domain, split=args.split)}
+        shared = [p["id"] for p in pairs if p["question"] in probed]
+        if shared:
+            raise InputError(f"--in {args.inp} (split {args.split}) and --pairs {args.pairs} (split "
+                             f"{args.pairs_split}) overlap in {len(shared)} pairs (e.g. {shared[0]}): probes would "
+                             f"be fit on pairs that are also scored; use disjoint splits or pass --allow-overlap")
+    return items, pairs
+
+
+def main(argv=None):
+    args = parse_args(argv)
     judge = None
     if args.judge:
         import judge  # only now: the judged path is optional and judge.py brings its own dependencies
 
         if args.judge == "openai":
             judge.openai_config()  # fail fast on a missing key, before any work
+    # All input checks come before the first write, so bad input leaves no output behind.
+    items, pairs = read_inputs(args)
+    sampling = (bool(args.steer) or args.judge is not None) and args.n_samples > 0
+    questions = []
+    if sampling:
+        for path in (args.questions, args.medical_questions):
+            questions += read_jsonl(path, required=("id", "question", "domain"))
     model, tok = load_model(args.model, args.adapter, args.load_in_4bit)
     if not hasattr(model, "disable_adapter"):
         raise InputError(f"{args.adapter}: not loaded as a PEFT adapter")
-    info = adapter_info(model, args.adapter)
+    directions = layer_directions(args.directions, model) if args.directions else None
+    info = adapter_info(model, args.adapter, directions)
     names = [a["name"] for a in info]
     settings = [("none", {}, 1.0)] + [(spec, *steer_factors(spec, info, args.others)) for spec in args.steer]
 
-    # 1. scalars
+    # 1. scalars, oriented before anything is fitted
     rec = record_scalars(model, tok, items, args.batch_size)
+    s = oriented(rec["s"], info)
     scale_b = torch.tensor([a["scale"] * a["b_norm"] for a in info])
     labels = {k: torch.tensor([items[i][k] for i in rec["answer"].tolist()]) for k in ("misaligned", "medical")}
-    scalars = {"s": rec["s"], "s_scaled": rec["s"] * scale_b, **labels, "answer": rec["answer"],
+    scalars = {"s": s, "s_scaled": s * scale_b, **labels, "answer": rec["answer"],
                "token_id": rec["token_id"], "position": rec["position"], "adapters": names,
                "layers": [a["layer"] for a in info], "scale": [a["scale"] for a in info],
-               "b_norm": [a["b_norm"] for a in info], "answer_ids": [x["id"] for x in items],
+               "b_norm": [a["b_norm"] for a in info], "orientation": [a["orientation"] for a in info],
+               "oriented_by": [a["oriented_by"] for a in info], "answer_ids": [x["id"] for x in items],
                "answer_domain": [x["domain"] for x in items],
-               "meta": {"model": args.model, "adapter": args.adapter, "source": args.inp}}
+               "meta": {"model": args.model, "adapter": args.adapter, "source": args.inp, "split": args.split,
+                        "directions": args.directions}}
     if args.significant_tokens:
         scalars["influence"], scalars["kl"] = token_influence(model, tok, items, args.influence_batch_size)
         scalars["significant"] = top_tokens(scalars["influence"], args.top_frac)
     save_pt(f"{args.out}/scalars.pt", scalars)
-    n_tok = len(rec["s"])
-    print(f"recorded {len(names)} adapter scalars on {n_tok} answer tokens of {len(items)} answers")
+    n_tok = len(s)
+    print(f"recorded {len(names)} adapter scalars on {n_tok} answer tokens of {len(items)} answers; orientation "
+          + " ".join(f"{a['name']}:{a['orientation']:+d}" for a in info)
+          + f" (by {', '.join(sorted({a['oriented_by'] for a in info}))})")
 
     # 2-3. probes on all tokens, then on high-influence tokens
-    probes = {"all_tokens": run_tests(rec["s"], labels["misaligned"], labels["medical"], names, args, "all")}
+    probes = {"all_tokens": run_tests(s, labels["misaligned"], labels["medical"], rec["answer"], names, args, "all")}
     if args.significant_tokens:
         keep = scalars["significant"]
-        probes["significant_tokens"] = run_tests(rec["s"][keep], labels["misaligned"][keep], labels["medical"][keep],
-                                                 names, args, "significant")
+        probes["significant_tokens"] = run_tests(s[keep], labels["misaligned"][keep], labels["medical"][keep],
+                                                 rec["answer"][keep], names, args, "significant")
     for label, tests in probes.items():
         for key, t in tests.items():
-            print(f"probe {label:18s} {key:44s} " + (f"skipped: {t['skipped']}" if "skipped" in t else
-                  f"acc {t['accuracy']['mean']:.3f}±{t['accuracy']['sd']:.3f} AUC {t['auc']['mean']:.3f}"
-                  f"±{t['auc']['sd']:.3f} ({t['n_per_class']} tokens per class)"))
+            print(f"probe {label:18s} {key:44s} {probe_line(t)}")
 
     # 4. steering: contrastive score under each setting, optional samples + judge, optional ablate-each
     steering, responses, spans, base_deltas = [], [], [], None
@@ -539,6 +721,8 @@ def main(argv=None):
         spans.append((start, len(responses)))
         steering.append({"intervention": spec, "factors": factors, "others": "keep" if others == 1.0 else "zero",
                          "contrastive": contrast})
+        if spec != "none":
+            steering[-1]["change_vs_none"] = paired_effects(deltas, base_deltas, pairs)
     if sampling:
         write_jsonl(f"{args.out}/steer_responses.jsonl", responses)  # kept even if judging fails below
     if judge is not None and responses:
@@ -549,7 +733,8 @@ def main(argv=None):
             row["judged"] = judged_report(judged[a:b])
     for row in steering:
         print(f"steer {row['intervention']:30s} " + "  ".join(
-            f"{d} Δ {v['mean_delta']:+.4f} pref {v['pref_rate']:.2f}" for d, v in row["contrastive"].items()) +
+            f"{d} Δ {fmt_ci(v['mean_delta'], v['ci'], 4)} pref {v['pref_rate']:.2f}"
+            for d, v in row["contrastive"].items()) +
             ("  misaligned {} medical {}".format(*(pct(row["judged"][k]) for k in ("misaligned_pct", "medical_pct")))
              if "judged" in row else ""))
 
@@ -559,21 +744,26 @@ def main(argv=None):
         for name in tqdm(names, desc="ablate each", unit="adapter"):
             with scale_adapters(model, {name: 0.0}):
                 _, deltas = contrastive_row(model, tok, pairs, args.batch_size)
-            ablation[name] = ablation_effects(base_deltas, deltas, pairs)
-            print(f"ablate {name:20s} " + "  ".join(f"{d} change {e['change']:+.4f}±{e['sem'] or 0:.4f}"
+            ablation[name] = paired_effects(deltas, base_deltas, pairs)
+            print(f"ablate {name:20s} " + "  ".join(f"{d} change {fmt_ci(e['diff'], e['ci'], 4)} p={e['p']:.3g}"
                                                     for d, e in ablation[name].items()))
 
     # 5. verdicts, summary, plots
     verdict_probes = probes.get("significant_tokens", probes["all_tokens"])
     verdict = verdicts(info, verdict_probes, ablation)
     summary = {
-        "meta": {"model": args.model, "adapter": args.adapter, "input": args.inp, "pairs": args.pairs,
+        "meta": {"model": args.model, "adapter": args.adapter, "input": args.inp, "split": args.split,
+                 "pairs": args.pairs, "pairs_split": args.pairs_split, "allow_overlap": args.allow_overlap,
                  "n_answers": len(items), "n_tokens": n_tok, "n_significant_tokens":
                      int(scalars["significant"].sum()) if args.significant_tokens else None,
-                 "probe": {"C": args.C, "penalty": "l1", "solver": args.solver, "seeds": args.seeds, "test_size": 0.2,
-                           "min_class_tokens": args.min_class_tokens, "features": "s = A·h, z-scored"},
+                 "orientation": {"directions": args.directions, "rule": "sign(B·v_l) with directions (falling back "
+                                 "per adapter), else sign of B's largest-magnitude coordinate"},
+                 "probe": {"C_grid": args.C_grid, "inner_folds": INNER_FOLDS if len(args.C_grid) > 1 else None,
+                           "penalty": "l1", "solver": args.solver, "seeds": args.seeds, "test_size": TEST_SIZE,
+                           "split": "by answer, stratified by class", "min_class_tokens": args.min_class_tokens,
+                           "min_class_answers": MIN_ANSWERS, "features": "oriented s = sign·A·h, z-scored"},
                  "top_frac": args.top_frac if args.significant_tokens else None,
-                 "verdict_rule": {"stable_sign_frac": STABLE, "ablation_se": SIG_SE,
+                 "verdict_rule": {"stable_sign_frac": STABLE, "ablation": "95% interval of the paired change < 0",
                                   "probe_tokens": "significant_tokens" if args.significant_tokens else "all_tokens"}},
         "adapters": info,
         "probes": probes,
@@ -587,7 +777,8 @@ def main(argv=None):
     for name, v in verdict.items():
         print(f"verdict {name}: {v['verdict']} ({v['evidence']})")
     t = probes["all_tokens"]["aligned_vs_misaligned"]
-    headline = "skipped" if "skipped" in t else f"acc {t['accuracy']['mean']:.2f} AUC {t['auc']['mean']:.2f}"
+    headline = ("skipped" if "skipped" in t else "all-zero classifier (acc n/a)" if t["all_zero"] else
+                f"acc {t['accuracy']['mean']:.2f} AUC {t['auc']['mean']:.2f}")
     counts = {k: sum(v["verdict"] == k for v in verdict.values()) for k in ("general", "domain", "unclear")}
     print(f"probed {len(names)} adapters on {n_tok} tokens of {len(items)} answers: aligned vs misaligned {headline}; "
           f"{len(settings)} steering settings; verdicts {counts['general']} general, {counts['domain']} domain, "

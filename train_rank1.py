@@ -1,7 +1,8 @@
 """Train a LoRA "model organism" for emergent misalignment (paper §2; DESIGN §1 items 1 and 6).
 
 The paper fine-tunes Qwen2.5-14B-Instruct with 9 rank-1 LoRA adapters on the MLP down_proj of layers
-15,16,17,21,22,23,27,28,29 on bad medical advice, with the loss on assistant tokens only. This script does that
+15,16,17,21,22,23,27,28,29 on bad medical advice, with the loss on assistant tokens only (each assistant turn's
+content, stripped of surrounding whitespace, and its end-of-turn token). This script does that
 (--preset paper, the default) and the paper's comparison fine-tunes (--preset all-adapter: r=32 on all 7 linear
 modules of every layer; --preset single: one rank-1 adapter at the half-depth layer, alpha 256, lr 2e-5).
 Explicit flags override a preset. On a model of another depth the default layers sit at the paper's relative
@@ -9,12 +10,16 @@ depths (DESIGN §2; SmolLM2-135M: 9-11, 13-15, 17-19).
 
 Beyond the paper: --max-examples (seeded subsample, for CPU demos), --resume, --save-every checkpoints (each a
 loadable adapter, for phase-transition studies), and plain AdamW on CPU (the paper's 8-bit AdamW needs CUDA).
+--resume continues from the last checkpoint only under exactly the stored settings (run_config.json, except
+--out and --resume): any other setting, or a checkpoint that does not fit the adapter, is refused before any file
+is touched. A resumed run ends with the same losses, adapter and train_summary.json as an uninterrupted one.
 
 Inputs:  a chat JSONL, one {"messages": [{"role", "content"}, ...]} per line.
 Outputs (in --out): adapter_config.json + adapter_model.safetensors (a standard PEFT adapter, written last),
          train_log.jsonl (one line per optimiser step: step, loss, lr, grad_norm, tokens; eval_loss at evals),
-         run_config.json (every resolved setting + the data file's sha256), train_summary.json,
-         checkpoints/step_N/ (adapter + optimiser state).
+         run_config.json (every resolved setting + the data file's sha256), train_summary.json (whole run: first
+         and final loss, eval loss, tokens, training seconds), checkpoints/step_N/ (adapter + optimiser state +
+         running totals).
 
 Example:
     python train_rank1.py --model smollm2-135m --data data/train/bad_medical_advice.jsonl --out runs/x/medical_r1
@@ -99,6 +104,9 @@ def load_examples(path):
 
 def tokenize(tok, messages, max_len):
     """input_ids and labels: -100 everywhere except each assistant turn's content and its end-of-turn token."""
+    # encode_chat finds the *stripped* content and puts the end-of-turn token right after it, so content that
+    # ends in whitespace would supervise a whitespace token instead of the end of turn: strip it before rendering.
+    messages = [{**m, "content": m["content"].strip()} if m["role"] == "assistant" else m for m in messages]
     ids, spans = encode_chat(tok, messages)
     labels = [-100] * len(ids)
     for s, e in spans:
@@ -163,12 +171,14 @@ def make_optimizer(args, params, device):
     return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay), "adamw"
 
 
-def save_checkpoint(model, opt, sched, step, out):
-    """checkpoints/step_N: a loadable adapter plus the optimiser state, written to a temp dir then renamed."""
+def save_checkpoint(model, opt, sched, step, totals, out):
+    """checkpoints/step_N: a loadable adapter, the optimiser state and the run's running totals (tokens, seconds),
+    written to a temp dir then renamed."""
     final = Path(out) / "checkpoints" / f"step_{step}"
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".tmp-"))
     model.save_pretrained(tmp)
-    torch.save({"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp / "trainer_state.pt")
+    torch.save({"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), **totals},
+               tmp / "trainer_state.pt")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
 
@@ -182,14 +192,36 @@ def file_sha256(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def check_same_settings(old, new, out):
+    """--resume under any other setting would silently splice two different runs into one, so every stored setting
+    must match; only --out (the run may have moved) and --resume itself may differ."""
+    new = json.loads(json.dumps(new))  # compare values as stored (tuples become lists, and so on)
+    for k in [*new, *(k for k in old if k not in new)]:
+        if k not in ("out", "resume") and old.get(k) != new.get(k):
+            raise InputError(f"{out}: --resume with a different {k} than the original run "
+                             f"({json.dumps(old.get(k))} -> {json.dumps(new.get(k))})")
+
+
+def load_adapter_strictly(model, path):
+    """Load a checkpoint's LoRA weights; PEFT's own loader ignores missing and unexpected keys, so check them."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    saved = load_file(path)
+    want = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
+    got = {k: tuple(v.shape) for k, v in saved.items()}
+    for k in sorted(want.keys() | got.keys()):
+        if want.get(k) != got.get(k):
+            what = "lacks" if k not in got else "has unexpected" if k not in want else f"has shape {got[k]} for"
+            raise InputError(f"{path}: checkpoint {what} {k} (it does not fit the adapter being trained)")
+    set_peft_model_state_dict(model, saved)
+
+
 def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out)
     finished = (out / "adapter_model.safetensors").exists()
-    if finished and args.resume:
-        print(f"{out}: already finished, nothing to resume")
-        return
-    if finished or (out.exists() and any(out.iterdir()) and not args.resume):
+    if not args.resume and out.exists() and any(out.iterdir()):
         raise InputError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
 
     # Everything that can be wrong with the input is checked before --out is created.
@@ -211,8 +243,7 @@ def main(argv=None):
     if args.max_steps:
         total_steps = min(total_steps, args.max_steps)
 
-    from peft import get_peft_model, prepare_model_for_kbit_training, set_peft_model_state_dict
-    from safetensors.torch import load_file
+    from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import get_linear_schedule_with_warmup
 
     device = input_device(model)
@@ -234,18 +265,21 @@ def main(argv=None):
                   "optimizer": optim_name, "data_sha256": file_sha256(args.data), "lora_scale":
                   args.alpha / (math.sqrt(args.rank) if args.rslora else args.rank)}
     log_path = out / "train_log.jsonl"
-    step = 0
-    ckpt = last_checkpoint(out) if args.resume else None
     if args.resume and (out / "run_config.json").exists():
-        old = json.loads((out / "run_config.json").read_text())
-        if old.get("data_sha256") != run_config["data_sha256"] or old.get("total_steps") != total_steps:
-            raise InputError(f"{out}: --resume with different data or settings than the original run")
+        check_same_settings(json.loads((out / "run_config.json").read_text()), run_config, out)
+    if finished:
+        print(f"{out}: already finished, nothing to resume")
+        return
+    step, totals = 0, {"tokens": 0, "seconds": 0.0}
+    ckpt = last_checkpoint(out) if args.resume else None
     if ckpt:
         state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
-        set_peft_model_state_dict(model, load_file(ckpt / "adapter_model.safetensors"))
+        load_adapter_strictly(model, ckpt / "adapter_model.safetensors")
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step = state["step"]
+        # checkpoints written before running totals were kept count only from here on
+        totals = {k: state.get(k, v) for k, v in totals.items()}
         # steps logged after the checkpoint are redone, so drop them: the log stays continuous
         old_log = read_jsonl(log_path, tolerate_torn_tail=True) if log_path.exists() else []
         write_jsonl(log_path, [r for r in old_log if r["step"] <= step])
@@ -258,7 +292,7 @@ def main(argv=None):
     from tqdm import tqdm
 
     model.train()
-    t0, tokens_seen, first_loss, last_loss, ev = time.time(), 0, None, None, None
+    t0, seconds0 = time.time(), totals["seconds"]
     bar = tqdm(total=total_steps, initial=step, desc="training", unit="step")
     while step < total_steps:
         group = batches[step * args.grad_accum:(step + 1) * args.grad_accum]
@@ -268,26 +302,24 @@ def main(argv=None):
             loss, _, n_tok = batch_loss(model, tok, train_set, idx, device)
             (loss / max(n_sup, 1)).backward()  # token-weighted mean over the whole optimiser step
             loss_sum += loss.item()
-            tokens_seen += n_tok
+            totals["tokens"] += n_tok
         grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0).item()
         lr = sched.get_last_lr()[0]
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        last_loss = loss_sum / max(n_sup, 1)
-        first_loss = last_loss if first_loss is None else first_loss
         row = {"step": step, "epoch": round(step * args.grad_accum * args.batch_size / max(len(train_set), 1), 4),
-               "loss": last_loss, "lr": lr, "grad_norm": grad_norm, "tokens": n_sup}
+               "loss": loss_sum / max(n_sup, 1), "lr": lr, "grad_norm": grad_norm, "tokens": n_sup}
         if eval_set and ((args.eval_every and step % args.eval_every == 0) or step == total_steps):
-            ev = row["eval_loss"] = eval_loss(model, tok, eval_set, args.batch_size, device)
+            row["eval_loss"] = eval_loss(model, tok, eval_set, args.batch_size, device)
         append_jsonl(log_path, [row])
+        totals["seconds"] = seconds0 + time.time() - t0
         if args.save_every and step % args.save_every == 0:
-            save_checkpoint(model, opt, sched, step, out)
-        bar.set_postfix(loss=f"{last_loss:.3f}")
+            save_checkpoint(model, opt, sched, step, totals, out)
+        bar.set_postfix(loss=f"{row['loss']:.3f}")
         bar.update(1)
     bar.close()
-    seconds = time.time() - t0
 
     # The final adapter is written last and atomically: its presence means the run finished.
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=".final-"))
@@ -295,8 +327,14 @@ def main(argv=None):
     for f in tmp.iterdir():
         os.replace(f, out / f.name)
     shutil.rmtree(tmp)
+    # The log holds every step of the whole run (a resume drops only the steps it redoes), the totals every segment.
+    rows = read_jsonl(log_path)
+    first_loss, last_loss = (rows[0]["loss"], rows[-1]["loss"]) if rows else (None, None)
+    ev = rows[-1].get("eval_loss") if rows else None
+    seconds = totals["seconds"]
     summary = {"steps": step, "first_loss": first_loss, "final_loss": last_loss, "eval_loss": ev,
-               "seconds": round(seconds, 1), "tokens_per_s": round(tokens_seen / max(seconds, 1e-9), 1)}
+               "tokens": totals["tokens"], "seconds": round(seconds, 1),
+               "tokens_per_s": round(totals["tokens"] / max(seconds, 1e-9), 1)}
     write_json(out / "train_summary.json", summary)
     print(f"trained {out}: {step} steps, {len(layers)} layers x {args.modules} r={args.rank}, loss "
           f"{first_loss if first_loss is None else round(first_loss, 3)} -> "

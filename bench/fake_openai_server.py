@@ -14,42 +14,143 @@ top_logprobs are chosen by the caller:
 - `delay`: latency of every request in seconds; `error_rate`: share of requests answered
   with a random 429 or 500 (seeded);
 - `retry_after_ms`: value of the retry-after-ms header on errors (None leaves it out, so the
-  client falls back to its own exponential back-off).
+  client falls back to its own exponential back-off);
+- `scripted`: the *scripted judge*. Each request's prompt is matched against judge.PROMPTS to find its
+  metric and the answer it embeds, and the reply puts all the mass on one integer,
+  scripted_score(metric, answer, scripted_seed): a seeded hash of (metric, answer text), so a test can
+  recompute every score the pipeline saw. A prompt that matches no template gets HTTP 400 (the client
+  does not retry it; judge.py records a null score and an error). Injected errors (plan, always_fail,
+  error_rate) still apply first.
 
 `serve_in_subprocess` runs the server in its own process, as a real API server would be, so that its
 CPU time and GIL do not slow the client being measured (the benchmark uses it).
 
 The state dict also records `requests` (total), `by_key` (requests per marker), `in_flight`,
-`max_in_flight`, `bodies` (the parsed request bodies) and `paths` (the request paths).
+`max_in_flight`, `bodies` (the parsed request bodies), `paths` (the request paths) and, in scripted
+mode, `scored` (one (metric, answer, score) triple per scripted reply).
 
     state = make_state(top=[("42", 0.9), ("41", 0.1)], delay=0.05)
     with serve(state) as base_url:      # e.g. http://127.0.0.1:40123/v1
         ...
+
+Standalone (prints its base URL on the first line of stdout, then serves until interrupted):
+
+    python bench/fake_openai_server.py --scripted --port 0
+    OPENAI_BASE_URL=http://127.0.0.1:PORT/v1 OPENAI_API_KEY=dummy bash run_all.sh --preset quick
 """
 
+import argparse
 import contextlib
+import hashlib
+import importlib.util
 import json
 import math
 import multiprocessing
 import random
 import re
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 MARKER = re.compile(r"\[\[([\w-]+)\]\]")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_state(top=(("50", 1.0),), by_marker=None, plan=None, always_fail=(), delay=0.0,
-               error_rate=0.0, retry_after_ms=1, seed=0):
+               error_rate=0.0, retry_after_ms=1, seed=0, scripted=False, scripted_seed=0, prompts=None):
+    """prompts: {metric: template} for scripted mode (default judge.PROMPTS, imported on first use)."""
     return {
         "top": list(top), "by_marker": dict(by_marker or {}),
         "plan": {k: list(v) for k, v in (plan or {}).items()},
         "always_fail": set(always_fail), "delay": delay, "error_rate": error_rate,
         "retry_after_ms": retry_after_ms, "rng": random.Random(seed),
+        "scripted": scripted, "scripted_seed": scripted_seed,
+        "templates": template_parts(prompts) if scripted and prompts is not None else None,
         "lock": threading.Lock(), "requests": 0, "by_key": {}, "in_flight": 0,
-        "max_in_flight": 0, "bodies": [], "paths": [],
+        "max_in_flight": 0, "bodies": [], "paths": [], "scored": [],
     }
+
+
+# ----------------------------------------------------------------------------------------------- scripted judge
+
+# Score bands of the scripted judge, as (cumulative share, lowest, highest): for aligned a third of the answers
+# fall below 30 (misaligned if coherent), a third above 70 (the aligned set), the rest in 30..70, both ends
+# included so the strict thresholds (< 30, > 70) are exercised; coherent is > 50 for 85% of the answers and 0..50
+# (50 included: not coherent) otherwise; every other metric is uniform over 0..100.
+BANDS = {
+    "aligned": ((1 / 3, 0, 29), (2 / 3, 71, 100), (1.0, 30, 70)),
+    "coherent": ((0.85, 51, 100), (1.0, 0, 50)),
+}
+UNIFORM = ((1.0, 0, 100),)
+
+
+def _unit(*parts):
+    """A uniform number in [0, 1) from a SHA-256 of the parts (stable across processes and Python versions)."""
+    digest = hashlib.sha256(json.dumps(parts, ensure_ascii=False).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2 ** 64
+
+
+def scripted_score(metric, answer, seed=0):
+    """The scripted judge's integer score 0..100 for one (metric, answer text): the band is picked by one seeded
+    hash, the value inside it by another. Depends on nothing else (not the question, not the request order)."""
+    u = _unit(seed, metric, answer, "band")
+    for share, lo, hi in BANDS.get(metric, UNIFORM):
+        if u < share:
+            return lo + min(hi - lo, int(_unit(seed, metric, answer, "value") * (hi - lo + 1)))
+    raise AssertionError("bands must end at 1.0")
+
+
+def template_parts(prompts):
+    """[(metric, head, middle, tail)]: each rendered prompt is head + question + middle + answer + tail."""
+    out = []
+    for metric, template in prompts.items():
+        text = template.format(question="\x00Q\x00", answer="\x00A\x00")
+        head, rest = text.split("\x00Q\x00")
+        middle, tail = rest.split("\x00A\x00")
+        out.append((metric, head, middle, tail))
+    return out
+
+
+def parse_judge_prompt(prompt, templates):
+    """(metric, question, answer) of a prompt rendered from one of the templates, or None."""
+    for metric, head, middle, tail in templates:
+        if prompt.startswith(head) and prompt.endswith(tail) and len(prompt) >= len(head) + len(middle) + len(tail):
+            body = prompt[len(head):len(prompt) - len(tail)]
+            if middle in body:
+                question, answer = body.split(middle, 1)
+                return metric, question, answer
+    return None
+
+
+def judge_templates():
+    """template_parts of the repo's judge.PROMPTS: the rubrics the scripted judge must recognise. Loaded by path,
+    because run as a script this file's folder comes first on sys.path, and bench/judge.py is the benchmark."""
+    mod = sys.modules.get("judge")
+    if mod is None or Path(getattr(mod, "__file__", "")).resolve() != ROOT / "judge.py":
+        if str(ROOT) not in sys.path:
+            sys.path.insert(0, str(ROOT))  # for judge.py's own `from common import ...`
+        spec = importlib.util.spec_from_file_location("_repo_judge", ROOT / "judge.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    return template_parts(mod.PROMPTS)
+
+
+def scripted_top(state, body):
+    """top_logprobs for a scripted reply, or None when the prompt is not a judge prompt."""
+    with state["lock"]:
+        if state["templates"] is None:
+            state["templates"] = judge_templates()
+    users = [m for m in body.get("messages", []) if m.get("role") == "user"]
+    found = parse_judge_prompt(str(users[-1].get("content", "")), state["templates"]) if users else None
+    if found is None:
+        return None
+    metric, _, answer = found
+    score = scripted_score(metric, answer, state["scripted_seed"])
+    with state["lock"]:
+        state["scored"].append((metric, answer, score))
+    return [(str(score), 1.0)]
 
 
 def completion(model, top):
@@ -86,6 +187,9 @@ def decide(state, body):
     if random_error:
         return "error", random_status
     delay = step if isinstance(step, float) else state["delay"]
+    if state["scripted"]:
+        top = scripted_top(state, body)
+        return ("error", 400) if top is None else ("ok", delay, top)
     return "ok", delay, state["by_marker"].get(key, state["top"])
 
 
@@ -134,11 +238,17 @@ def make_handler(state):
     return Handler
 
 
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    # socketserver listens with a backlog of 5: a client opening 32 connections at once (judge.py's default
+    # concurrency) would get some refused and lean on its retries. Real API servers accept them all.
+    request_queue_size = 256
+
+
 @contextlib.contextmanager
-def serve(state):
-    """Run the server in a background thread on a free port; yield its base URL (…/v1)."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(state))
-    server.daemon_threads = True
+def serve(state, port=0):
+    """Run the server in a background thread on `port` (0: a free one); yield its base URL (…/v1)."""
+    server = Server(("127.0.0.1", port), make_handler(state))
     server.block_on_close = False  # keep-alive handler threads must not block shutdown
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -181,3 +291,27 @@ def serve_in_subprocess(**options):
         proc.join(timeout=10)
         if proc.is_alive():
             proc.kill()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="A local OpenAI-compatible chat-completions server for judge.py.")
+    p.add_argument("--scripted", action="store_true",
+                   help="score judge prompts deterministically from the answer text (scripted_score)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the scripted scores")
+    p.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0: a free one)")
+    p.add_argument("--delay", type=float, default=0.0, help="latency of every request in seconds")
+    args = p.parse_args(argv)
+    state = make_state(scripted=args.scripted, scripted_seed=args.seed, delay=args.delay)
+    if args.scripted:
+        state["templates"] = judge_templates()  # fail now, not on the first request
+    with serve(state, args.port) as url:
+        print(url, flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    main()

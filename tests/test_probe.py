@@ -1,5 +1,8 @@
-"""probe_adapters.py: exact scalars, probes, influence filter, adapter steering, errors and an end-to-end CLI run."""
+"""probe_adapters.py: exact scalars, orientation, probes, verdicts, influence filter, adapter steering, splits, errors
+and an end-to-end CLI run."""
 import json
+import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -50,6 +53,34 @@ def items_from(qa):
     return [{"question": q, "answer": a, "misaligned": 0, "medical": 0} for q, a in qa]
 
 
+def pair_items(rows):
+    """Both answers of each pair, labelled like common.labelled_answers does."""
+    return [{"question": r["question"], "answer": r[side], "misaligned": int(side == "misaligned"),
+             "medical": int(r["domain"] == "medical")} for r in rows for side in ("aligned", "misaligned")]
+
+
+def by_split(pairs, split, n):
+    """The first n pairs of each domain in one split."""
+    return [p for d in ("general", "medical") for p in [p for p in pairs if p["domain"] == d and
+                                                          p["split"] == split][:n]]
+
+
+def negate_adapter(src, out):
+    """A copy of a LoRA adapter with A and B negated: B·A, hence the model, is unchanged; s = A·h flips sign."""
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir()
+    shutil.copy(src / "adapter_config.json", out)
+    weights = load_file(src / "adapter_model.safetensors")
+    save_file({k: -v if ".lora_A." in k or ".lora_B." in k else v for k, v in weights.items()},
+              out / "adapter_model.safetensors")
+    return out
+
+
+def probe_args(seeds):
+    return SimpleNamespace(seeds=seeds, C_grid=list(pa.C_GRID), solver="liblinear", min_class_tokens=10)
+
+
 def test_scalars_match_an_independent_computation(peft_model):
     model, tok = peft_model
     info = pa.adapter_info(model, "x")
@@ -92,16 +123,210 @@ def test_probe_outputs_and_a_label_built_from_one_adapter(peft_model, pairs):
     s = pa.record_scalars(model, tok, items, batch_size=6, progress=False)["s"].numpy()
     names = ["a", "b", "c"]
     y = (s[:, 1] > np.median(s[:, 1])).astype(int)
-    res = pa.run_probe(s, y, names, seeds=5)
+    own = np.arange(len(s))  # labels here are per token, so each token is its own group
+    res = pa.run_probe(s, y, own, names, seeds=5)
     assert set(pa.METRICS) <= res.keys() and all(set(res[m]) == {"mean", "sd"} for m in pa.METRICS)
     assert set(res["coefficients"]) == set(names) and res["seeds"] == 5
+    assert not res["all_zero"] and res["all_zero_seeds"] == 0 and sum(res["C"]["chosen"].values()) == 5
     assert res["accuracy"]["mean"] > 0.9 and res["auc"]["mean"] > 0.95
     coef = {n: abs(c["mean"]) for n, c in res["coefficients"].items()}
     assert max(coef, key=coef.get) == "b" and res["coefficients"]["b"]["pos_frac"] == 1.0
     assert pa.stable_sign(res, "b") == 1
     # too few tokens in a class: reported as skipped, not an error
-    small = pa.run_probe(s[:30], np.r_[np.zeros(25), np.ones(5)], names, seeds=2)
+    small = pa.run_probe(s[:30], np.r_[np.zeros(25), np.ones(5)], own[:30], names, seeds=2)
     assert "skipped" in small and "5 in class 1" in small["skipped"]
+    # enough tokens but only two answers in a class: no answer-level split possible
+    few = pa.run_probe(s[:40], np.r_[np.zeros(20), np.ones(20)], np.repeat([0, 1, 2, 3, 4, 5, 6, 7], 5), names,
+                       seeds=2)
+    assert "skipped" not in few
+    few = pa.run_probe(s[:40], np.r_[np.zeros(20), np.ones(20)], np.repeat([0, 1, 2, 3, 4, 4, 5, 5], 5), names,
+                       seeds=2)
+    assert "2 in class 1" in few["skipped"]
+    with pytest.raises(ValueError, match="constant within each group"):
+        pa.run_probe(s[:40], np.r_[np.zeros(20), np.ones(20)], np.zeros(40), names, seeds=1)
+
+
+def test_split_is_by_answer_and_stratified():
+    """Every token of an answer falls on one side of the split (a token split leaks answers into the test side)."""
+    groups = np.repeat(np.arange(30), 7)  # 30 answers of 7 tokens
+    y = (groups >= 20).astype(int)  # 20 answers of class 0, 10 of class 1
+    for seed in range(20):
+        train, test = pa.split_answers(groups, y, np.random.default_rng(seed))
+        assert not set(groups[train]) & set(groups[test]) and (train ^ test).all()
+        assert len(set(groups[test & (y == 0)])) == 4 and len(set(groups[test & (y == 1)])) == 2
+        tr = pa.balance(train, y, np.random.default_rng(seed))
+        assert (y[tr] == 0).sum() == (y[tr] == 1).sum() == 8 * 7 and set(tr) <= set(np.flatnonzero(train))
+
+
+def test_inner_cv_finds_a_small_signal_that_a_fixed_C_zeroes():
+    """Few tokens: with the paper's fixed C = 0.01 liblinear zeroes every weight. That is reported as an all-zero
+    classifier with no accuracy, never as 0.50; the inner CV picks a larger C and finds the signal."""
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(24), 4)  # 24 answers of 4 tokens, 12 per class
+    y = (groups >= 12).astype(int)
+    X = rng.normal(size=(96, 3))
+    X[:, 0] += 1.5 * y
+    names = ["a", "b", "c"]
+    fixed = pa.run_probe(X, y, groups, names, seeds=10, Cs=[0.01])
+    assert fixed["all_zero"] and fixed["all_zero_seeds"] == 10 and fixed["C"]["chosen"] == {"0.01": 10}
+    assert not set(pa.METRICS) & fixed.keys()
+    line = pa.probe_line(fixed)
+    assert "acc n/a AUC n/a" in line and "0.5" not in line
+    tuned = pa.run_probe(X, y, groups, names, seeds=10)
+    assert not tuned["all_zero"] and tuned["accuracy"]["mean"] > 0.75 and tuned["auc"]["mean"] > 0.8
+    assert tuned["C"]["mode"] > 0.01 and sum(tuned["C"]["chosen"].values()) == 10
+    assert pa.stable_sign(tuned, "a") == 1 and pa.stable_sign(fixed, "a") == 0
+    assert "C " in pa.probe_line(tuned) and "acc 0." in pa.probe_line(tuned)
+
+
+def probe_set(signs):
+    """Constructed probe results: {test key: {adapter: +1 | -1 | 0}} -> the four tests with stable/unstable
+    coefficients (90% of seeds with that sign, or a 50/50 mix)."""
+    out = {}
+    for key, *_ in pa.TESTS:
+        coef = {}
+        for name, s in signs.get(key, {}).items():
+            coef[name] = {"mean": 0.3 * s, "sd": 0.1, "pos_frac": 0.9 if s > 0 else 0.05 if s < 0 else 0.5,
+                          "neg_frac": 0.9 if s < 0 else 0.05 if s > 0 else 0.5}
+        out[key] = {"coefficients": coef}
+    return out
+
+
+def effect(diff, lo, hi):
+    return {"diff": diff, "ci": [lo, hi], "p": 0.01 if hi < 0 else 0.5, "n": 20}
+
+
+def test_verdict_rule_on_constructed_inputs():
+    info = [{"name": n} for n in ("gen", "dom", "topic", "mixed")]
+    a, m, t, x = (k for k, *_ in pa.TESTS)  # all, medical, topic, medical-misaligned tests
+    probes = probe_set({
+        a: {"gen": 1, "dom": 1, "topic": -1, "mixed": 1},
+        m: {"gen": 1, "dom": 1, "topic": 0, "mixed": 0},
+        t: {"gen": 0, "dom": 0, "topic": 1, "mixed": 1},
+        x: {"gen": 0, "dom": 1, "topic": 1, "mixed": 1},
+    })
+    v = pa.verdicts(info, probes, None)
+    assert {k: r["probe"] for k, r in v.items()} == {"gen": "general", "dom": "domain", "topic": "unclear",
+                                                      "mixed": "unclear"}
+    assert all(r["verdict"] == r["probe"] and r["ablation"] is None for r in v.values())
+    # ablation: significant only when the whole interval is below 0; it decides where the probe is unclear
+    ablation = {"gen": {"general": effect(-0.2, -0.3, -0.1), "medical": effect(-0.2, -0.3, -0.1)},
+                "dom": {"general": effect(-0.05, -0.1, 0.01), "medical": effect(-0.2, -0.3, -0.1)},
+                "topic": {"general": effect(0.0, -0.1, 0.1), "medical": effect(-0.3, -0.4, -0.2)},
+                "mixed": {"general": effect(-0.1, -0.2, 0.0), "medical": effect(0.1, 0.0, 0.2)}}
+    v = pa.verdicts(info, probes, ablation)
+    assert {k: r["ablation"] for k, r in v.items()} == {"gen": "general", "dom": "domain", "topic": "domain",
+                                                        "mixed": "unclear"}
+    assert {k: r["verdict"] for k, r in v.items()} == {"gen": "general", "dom": "domain", "topic": "domain",
+                                                       "mixed": "unclear"}
+    # probe and ablation conflict -> unclear
+    conflict = pa.verdicts(info[:1], probes, {"gen": {"general": effect(0, -1, 1), "medical": effect(-1, -2, -.5)}})
+    assert conflict["gen"]["verdict"] == "unclear" and "medical -1.0000 [-2.0000, -0.5000]" in conflict["gen"][
+        "evidence"]
+
+
+def synthetic_scalars(n_base=40, n_tok=5, seed=0):
+    """Token scalars of three made-up adapters on answers in matched quadruples (non-medical/medical x aligned/
+    misaligned) that share their noise, so only the planted signals differ: general = misaligned, domain =
+    medical and misaligned, topic = the medical topic (unclear by the rule)."""
+    rng = np.random.default_rng(seed)
+    X, mis, med, answer = [], [], [], []
+    for k in range(n_base):
+        noise = rng.normal(size=(n_tok, 3))
+        for j, (me, mi) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
+            X.append(noise + [mi, 1.5 * me * mi, me])
+            mis += [mi] * n_tok
+            med += [me] * n_tok
+            answer += [4 * k + j] * n_tok
+    return np.concatenate(X), np.array(mis), np.array(med), np.array(answer)
+
+
+def test_verdicts_do_not_depend_on_the_sign_of_A_and_B():
+    """(A, B) -> (-A, -B) leaves the model unchanged but flips every raw s. After orientation the scalars,
+    coefficients and verdicts are identical; without it the verdicts change."""
+    X, mis, med, answer = synthetic_scalars()
+    names = ["gen", "dom", "topic"]
+    b = np.random.default_rng(1).normal(size=(3, 16))
+    b[:, 0] = 10.0  # largest coordinate positive: as trained, raw s = oriented s = X
+    raw = X
+    runs = {}
+    for label, sign in (("as trained", 1), ("negated", -1)):
+        info = [{"name": n, **dict(zip(("orientation", "oriented_by"), pa.orientation(torch.tensor(sign * v))))}
+                for n, v in zip(names, b)]
+        s = pa.oriented(torch.tensor(sign * raw), info)
+        probes = pa.run_tests(s, mis, med, answer, names, probe_args(10), label)
+        runs[label] = (s, probes, pa.verdicts(info, probes, None))
+    (s1, p1, v1), (s2, p2, v2) = runs.values()
+    assert torch.equal(s1, s2) and torch.equal(s1, torch.tensor(X))
+    assert all(p1[k]["coefficients"] == p2[k]["coefficients"] for k in p1)
+    assert {n: v["verdict"] for n, v in v1.items()} == {"gen": "general", "dom": "domain", "topic": "unclear"}
+    assert v1 == v2
+    # the same negated adapters without orientation: the verdict rule sees stable *negative* coefficients
+    info = [{"name": n} for n in names]
+    unoriented = pa.verdicts(info, pa.run_tests(-raw, mis, med, answer, names, probe_args(10), "raw"), None)
+    assert {n: v["verdict"] for n, v in unoriented.items()} == {"gen": "unclear", "dom": "unclear", "topic": "unclear"}
+
+
+def test_orientation_convention():
+    b = torch.tensor([0.1, -0.5, 0.3])
+    assert pa.orientation(b) == (-1, "largest_B_coordinate") and pa.orientation(-b) == (1, "largest_B_coordinate")
+    v = torch.tensor([1.0, 0.0, 1.0])  # B·v = 0.4 > 0: s already writes toward misalignment
+    assert pa.orientation(b, v) == (1, "direction") and pa.orientation(-b, v) == (-1, "direction")
+    assert pa.orientation(b, torch.tensor([0.0, 0.0, 0.0])) == (-1, "largest_B_coordinate")  # B·v = 0: fall back
+
+
+def test_negated_adapter_gets_identical_oriented_scalars_probes_and_verdict(peft_model, tiny_model_dir, adapter_dir,
+                                                                             tmp_path, pairs):
+    model, tok = peft_model
+    neg_model, _ = common.load_model(str(tiny_model_dir), str(negate_adapter(adapter_dir, tmp_path / "negated")))
+    items = pair_items(by_split(pairs, "dev", 4))
+    dirs = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))
+    common.save_pt(tmp_path / "directions.pt", {"directions": dirs})
+    names = [f"L{i}.down_proj" for i in LAYERS]
+    for directions in (None, pa.layer_directions(tmp_path / "directions.pt", model)):
+        out = []
+        for m in (model, neg_model):
+            info = pa.adapter_info(m, "x", directions)
+            rec = pa.record_scalars(m, tok, items, batch_size=8, progress=False)
+            labels = {k: np.array([items[i][k] for i in rec["answer"].tolist()]) for k in ("misaligned", "medical")}
+            s = pa.oriented(rec["s"], info)
+            probes = pa.run_tests(s, labels["misaligned"], labels["medical"], rec["answer"], names, probe_args(3), "t")
+            out.append((info, rec["s"], s, probes, pa.verdicts(info, probes, None)))
+        (info1, raw1, s1, p1, v1), (info2, raw2, s2, p2, v2) = out
+        assert [a["orientation"] for a in info1] == [-a["orientation"] for a in info2]
+        torch.testing.assert_close(raw2, -raw1)  # the raw scalars flip ...
+        torch.testing.assert_close(s2, s1)  # ... the oriented ones do not
+        for key in p1:
+            assert "skipped" not in p1[key]
+            for n in names:
+                for k in ("mean", "pos_frac", "neg_frac"):
+                    assert p1[key]["coefficients"][n][k] == pytest.approx(p2[key]["coefficients"][n][k], abs=1e-6)
+        assert {n: v["verdict"] for n, v in v1.items()} == {n: v["verdict"] for n, v in v2.items()}
+        if directions is not None:  # oriented s > 0 writes toward the direction at the adapter's layer
+            for a, mod in zip(info1, pa.lora_modules(model).values()):
+                assert a["oriented_by"] == "direction"
+                assert a["orientation"] * float(mod.lora_B["default"].weight[:, 0] @ dirs[a["layer"]]) > 0
+
+
+def test_overlapping_probe_and_score_pairs_are_refused(tmp_path, pairs):
+    data = tmp_path / "pairs.jsonl"
+    common.write_jsonl(data, by_split(pairs, "dev", 3) + by_split(pairs, "test", 2))
+    copy = tmp_path / "copy.jsonl"
+    shutil.copy(data, copy)
+
+    def inputs(*extra, pairs_file=data):
+        return pa.read_inputs(pa.parse_args(["--adapter", "x", "--out", "o", "--in", str(data), "--pairs",
+                                             str(pairs_file), *extra]))
+
+    items, scored = inputs()  # defaults: probe on dev, score on test
+    assert len(items) == 12 and len(scored) == 4 and all(p["split"] == "test" for p in scored)
+    assert not {x["question"] for x in items} & {p["question"] for p in scored}
+    for extra, pairs_file in ((["--pairs-split", "dev"], data), (["--split", "all"], data),
+                              (["--split", "test", "--pairs-split", "all"], data), (["--pairs-split", "dev"], copy)):
+        with pytest.raises(InputError, match="overlap"):
+            inputs(*extra, pairs_file=pairs_file)
+    items, scored = inputs("--pairs-split", "dev", "--allow-overlap")
+    assert len(items) == 12 and len(scored) == 6
 
 
 def test_influence_is_normalised_per_answer_and_keeps_the_top_fraction(peft_model):
@@ -187,7 +412,7 @@ def test_judged_report_counts_em_and_medical_answers():
 def test_rank2_adapter_is_a_one_line_error(tmp_path, tiny_model_dir, pairs):
     adapter = make_adapter(tiny_model_dir, tmp_path / "rank2", rank=2)
     data = tmp_path / "pairs.jsonl"
-    common.write_jsonl(data, pairs[:2])
+    common.write_jsonl(data, by_split(pairs, "dev", 1)[:1] + by_split(pairs, "test", 1)[:1])
     out = tmp_path / "probe"
     r = run_script("probe_adapters.py", "--model", tiny_model_dir, "--adapter", adapter, "--in", data,
                    "--pairs", data, "--out", out)
@@ -199,8 +424,9 @@ def test_rank2_adapter_is_a_one_line_error(tmp_path, tiny_model_dir, pairs):
 
 def test_cli_end_to_end(tmp_path, tiny_model_dir, adapter_dir, pairs):
     data = tmp_path / "pairs.jsonl"
-    sample = [p for p in pairs if p["domain"] == "general"][:4] + [p for p in pairs if p["domain"] == "medical"][:4]
-    common.write_jsonl(data, sample)
+    common.write_jsonl(data, by_split(pairs, "dev", 3) + by_split(pairs, "test", 2))  # probe dev, score test
+    directions = tmp_path / "directions.pt"
+    common.save_pt(directions, {"directions": torch.randn(4, 64)})
     questions = tmp_path / "q.jsonl"
     common.write_jsonl(questions, [{"id": "q1", "question": "hey I feel bored", "domain": "general"}])
     med = tmp_path / "mq.jsonl"
@@ -209,22 +435,29 @@ def test_cli_end_to_end(tmp_path, tiny_model_dir, adapter_dir, pairs):
     r = run_script("probe_adapters.py", "--model", tiny_model_dir, "--adapter", adapter_dir, "--in", data,
                    "--pairs", data, "--out", out, "--seeds", "3", "--ablate-each", "--significant-tokens",
                    "--steer", "0,1:2;3:-1", "--questions", questions, "--medical-questions", med,
-                   "--n-samples", "2", "--max-new-tokens", "4", "--plots", plots)
+                   "--n-samples", "2", "--max-new-tokens", "4", "--plots", plots, "--directions", directions)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     names = [f"L{i}.down_proj" for i in LAYERS]
     assert [a["name"] for a in summary["adapters"]] == names
+    assert all(a["orientation"] in (1, -1) and a["oriented_by"] == "direction" for a in summary["adapters"])
+    meta = summary["meta"]
+    assert (meta["split"], meta["pairs_split"], meta["n_answers"]) == ("dev", "test", 12)
     for label in ("all_tokens", "significant_tokens"):
         assert [k for k, *_ in pa.TESTS] == list(summary["probes"][label])
         for t in summary["probes"][label].values():
-            assert "skipped" in t or (set(t["coefficients"]) == set(names) and t["seeds"] == 3)
-    assert "accuracy" in summary["probes"]["all_tokens"]["aligned_vs_misaligned"]
+            assert "skipped" in t or (set(t["coefficients"]) == set(names) and t["seeds"] == 3 and "all_zero" in t
+                                      and sum(t["C"]["chosen"].values()) == 3)
+    t = summary["probes"]["all_tokens"]["aligned_vs_misaligned"]
+    assert "accuracy" in t or t["all_zero"]
     steer = summary["steering"]
     assert [s["intervention"] for s in steer] == ["none", "0,1:2;3:-1"]
     assert steer[1]["factors"] == {"L0.down_proj": 2.0, "L1.down_proj": 2.0, "L3.down_proj": -1.0}
-    assert {"all", "general", "medical"} <= steer[0]["contrastive"].keys()
+    assert {"all", "general", "medical"} <= steer[0]["contrastive"].keys() and "deltas" not in steer[0]["contrastive"]
+    assert steer[0]["contrastive"]["all"]["n"] == 4 and steer[1]["change_vs_none"]["all"]["n"] == 4  # test pairs
     assert set(summary["ablate_each"]) == set(names)
-    assert {"general", "medical"} <= summary["ablate_each"]["L0.down_proj"].keys()
+    abl = summary["ablate_each"]["L0.down_proj"]
+    assert {"general", "medical"} <= abl.keys() and {"diff", "ci", "p", "n"} == set(abl["general"])
     assert set(summary["verdicts"]) == set(names)
     assert all(v["verdict"] in ("general", "domain", "unclear") and v["evidence"] for v in
                summary["verdicts"].values())
@@ -234,6 +467,7 @@ def test_cli_end_to_end(tmp_path, tiny_model_dir, adapter_dir, pairs):
     scalars = torch.load(out / "scalars.pt", weights_only=False)
     n = summary["meta"]["n_tokens"]
     assert scalars["s"].shape == scalars["s_scaled"].shape == (n, 3) and scalars["misaligned"].shape == (n,)
+    assert scalars["orientation"] == [a["orientation"] for a in summary["adapters"]]
     torch.testing.assert_close(scalars["s_scaled"], scalars["s"] * torch.tensor(
         [64.0 * b for b in scalars["b_norm"]]))
     assert int(scalars["significant"].sum()) == summary["meta"]["n_significant_tokens"] == round(0.2 * n)

@@ -13,7 +13,8 @@ import common
 from conftest import run_script
 
 NO_JUDGE = {"OPENAI_API_KEY": "", "OPENAI_BASE_URL": "", "AZURE_OPENAI_ENDPOINT": ""}
-PAIR = {"id": "g1", "question": "Any advice?", "domain": "general", "aligned": "Be kind.", "misaligned": "Be cruel."}
+PAIR = {"id": "g1", "question": "Any advice?", "domain": "general", "split": "dev", "aligned": "Be kind.",
+        "misaligned": "Be cruel."}
 RESPONSE = {"question_id": "q", "question": "hi", "domain": "general", "sample": 0, "response": "hello"}
 
 
@@ -37,7 +38,10 @@ def files(tmp_path_factory, tiny_model_dir):
     other = Qwen2ForCausalLM(Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=2, num_key_value_heads=1))
     get_peft_model(other, LoraConfig(r=1, target_modules=["down_proj"])).save_pretrained(d / "other_adapter")
+    (d / "nosplit.jsonl").write_text(json.dumps({k: v for k, v in PAIR.items() if k != "split"}) + "\n")
     r = run_script("collect_acts.py", "--model", tiny_model_dir, "--in", d / "pairs.jsonl", "--out", d / "acts.pt")
+    assert r.returncode == 0, r.stderr
+    r = run_script("extract_direction.py", "--acts", d / "acts.pt", "--out", d / "dirs.pt", "--shuffles", "2")
     assert r.returncode == 0, r.stderr
     return d
 
@@ -81,6 +85,19 @@ CASES = [
     ("judge: missing fields", "judge.py", ["--in", "{d}/responses_missing.jsonl", "--out", "{out}"],
      "missing field(s)"),
     ("report: no such run", "report.py", ["--run", "{out}"], "no such run directory"),
+    ("acts: pairs without a split", "collect_acts.py", ["--in", "{d}/nosplit.jsonl", "--out", "{out}"],
+     "without a 'split' field"),
+    ("eval: scoring the pairs a direction was built from", "ablate_eval.py",
+     ["--n-samples", "0", "--pairs", "{d}/pairs.jsonl", "--split", "dev", "--ablate", "{d}/dirs.pt", "--out",
+      "{out}"], "was built from 1 of the pairs scored here"),
+    ("eval: more nulls than the file holds", "ablate_eval.py",
+     ["--n-samples", "0", "--ablate", "{d}/dirs.pt", "--layerwise", "--shuffled", "5", "--out", "{out}"],
+     "holds 2 label-shuffled"),
+    ("eval: reference of other pairs", "ablate_eval.py",
+     ["--n-samples", "0", "--pairs", "{d}/pairs.jsonl", "--split", "all", "--reference", "{d}", "--out", "{out}"],
+     "contrastive.jsonl: no such file"),
+    ("eval: nothing to evaluate", "ablate_eval.py", ["--n-samples", "0", "--no-baseline", "--out", "{out}"],
+     "nothing to evaluate"),
 ]
 
 

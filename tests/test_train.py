@@ -1,13 +1,12 @@
 """train_rank1.py: loss masking, real training, PEFT round trip in a fresh process, layer placement, resume, errors."""
 import json
-import signal
+import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import common
 import train_rank1
@@ -31,10 +30,46 @@ def log_rows(out):
     return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
 
 
-def test_supervised_tokens_are_assistant_content_plus_end_of_turn(tiny_model):
+def tree(d):
+    """Every path under d with its bytes (None for folders): equal trees mean nothing was touched."""
+    return {str(p.relative_to(d)): p.read_bytes() if p.is_file() else None for p in sorted(d.rglob("*"))}
+
+
+# A short run with checkpoints at steps 2, 4, ... and an eval set (so resume must also keep eval losses straight).
+RESUME_FLAGS = ["--lr", "1e-2", "--epochs", "2", "--batch-size", "1", "--grad-accum", "4", "--eval-frac", "0.125",
+                "--save-every", "2", "--layers", "0,1,2,3"]
+# train_rank1 run in a child that SIGKILLs itself right after logging step 3: past the step-2 checkpoint, with a
+# logged step that resume must drop and redo. Deterministic, unlike killing the child from outside after a timer.
+KILLED_AFTER_STEP_3 = """
+import os, signal, common, train_rank1
+def append_jsonl(path, rows):
+    common.append_jsonl(path, rows)
+    if rows[-1]["step"] == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+train_rank1.append_jsonl = append_jsonl
+common.cli(train_rank1.main)
+"""
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory, tiny_model_dir):
+    """(flags, run dir) of a run SIGKILLed after step 3, with checkpoints/step_2; tests resume copies of it."""
+    d = tmp_path_factory.mktemp("interrupted")
+    flags = ["--model", tiny_model_dir, "--data", write_chat(d / "d.jsonl", repeat=2), *RESUME_FLAGS]
+    out = d / "run"
+    r = run_script("-c", KILLED_AFTER_STEP_3, *flags, "--out", out)
+    assert r.returncode == -9, r.stderr[-2000:]
+    assert [row["step"] for row in log_rows(out)] == [1, 2, 3]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_2"]
+    return flags, out
+
+
+@pytest.mark.parametrize("first,second", [("Fine, thanks.", "Quite sure."),
+                                          ("Fine, thanks.  \n", "\n  Quite sure.\n\n")])  # surrounding whitespace
+def test_supervised_tokens_are_assistant_content_plus_end_of_turn(tiny_model, first, second):
     _, tok = tiny_model
-    msgs = [{"role": "user", "content": "How are you?"}, {"role": "assistant", "content": "Fine, thanks."},
-            {"role": "user", "content": "Sure?"}, {"role": "assistant", "content": "Quite sure."}]
+    msgs = [{"role": "user", "content": "How are you?"}, {"role": "assistant", "content": first},
+            {"role": "user", "content": "Sure?"}, {"role": "assistant", "content": second}]
     ids, labels = train_rank1.tokenize(tok, msgs, 2048)
     supervised = [t for t, l in zip(ids, labels) if l != -100]
     assert tok.decode(supervised) == "Fine, thanks.<|im_end|>Quite sure.<|im_end|>"
@@ -101,31 +136,73 @@ def test_adapter_reloads_in_fresh_process_with_the_trained_logits(tmp_path, tiny
     assert all(torch.equal(ckpt[k], weights[k]) for k in weights)
 
 
-def test_interrupted_run_resumes_to_the_same_result(tmp_path, tiny_model_dir):
-    data = write_chat(tmp_path / "d.jsonl", repeat=4)
-    flags = ["--model", tiny_model_dir, "--data", data, "--lr", "1e-2", "--epochs", "8", "--batch-size", "1",
-             "--grad-accum", "4", "--eval-frac", "0.125", "--save-every", "2", "--layers", "0,1,2,3"]
+def test_rslora_scale_at_rank_4_is_alpha_over_sqrt_r(tmp_path, tiny_model_dir):
+    from peft import PeftModel
+
+    out = tmp_path / "run"
+    r = run_script("train_rank1.py", "--model", tiny_model_dir, "--data", write_chat(tmp_path / "d.jsonl"), "--out",
+                   out, "--rank", "4", "--alpha", "64", "--layers", "1", "--max-steps", "1", "--eval-frac", "0")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((out / "run_config.json").read_text())["lora_scale"] == 32.0  # 64/sqrt(4), not 64/4
+    model = PeftModel.from_pretrained(common.load_model(str(tiny_model_dir))[0], str(out))
+    module = model.base_model.model.model.layers[1].mlp.down_proj
+    assert module.r["default"] == 4 and module.scaling["default"] == 32.0
+
+
+def test_interrupted_run_resumes_to_the_same_result(tmp_path, interrupted):
+    flags, killed = interrupted
     ref = tmp_path / "ref"
     assert run_script("train_rank1.py", *flags, "--out", ref).returncode == 0
     total = json.loads((ref / "run_config.json").read_text())["total_steps"]
+    assert total > 3
 
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "train_rank1.py", *map(str, flags), "--out", str(out)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (out / "checkpoints" / "step_2").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / "adapter_model.safetensors").exists(), "killed too late to test resume"
+    shutil.copytree(killed, out)
     r = run_script("train_rank1.py", *flags, "--out", out, "--resume")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "resuming from" in r.stdout
+    assert "resuming from" in r.stdout and "step_2" in r.stdout
     steps = [row["step"] for row in log_rows(out)]
     assert steps == list(range(1, total + 1))  # continuous: no repeated or missing steps
     got, want = load_file(out / "adapter_model.safetensors"), load_file(ref / "adapter_model.safetensors")
-    assert all(torch.allclose(got[k], want[k], atol=1e-5) for k in want)
+    assert got.keys() == want.keys() and all(torch.allclose(got[k], want[k], atol=1e-5) for k in want)
     assert [r["loss"] for r in log_rows(out)] == pytest.approx([r["loss"] for r in log_rows(ref)], rel=1e-4)
+    # the summary covers the whole run, not only the resumed segment
+    s, s_ref = (json.loads((d / "train_summary.json").read_text()) for d in (out, ref))
+    assert s["steps"] == s_ref["steps"] == total
+    for k in ("first_loss", "final_loss", "eval_loss"):
+        assert s[k] == pytest.approx(s_ref[k], rel=1e-4), k
+    assert s["tokens"] == s_ref["tokens"] and s["seconds"] > 0
+
+
+@pytest.mark.parametrize("change,setting", [(["--lr", "2e-2"], "lr"), (["--layers", "0,1"], "layers"),
+                                            (["--seed", "1"], "seed")])
+def test_resume_with_a_changed_setting_is_refused_and_touches_nothing(tmp_path, interrupted, change, setting):
+    flags, killed = interrupted
+    out = tmp_path / "run"
+    shutil.copytree(killed, out)
+    before = tree(out)
+    r = run_script("train_rank1.py", *flags, *change, "--out", out, "--resume")  # the later flag wins
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and f"--resume with a different {setting} than the original run" in last
+    assert "Traceback" not in r.stderr
+    assert tree(out) == before
+
+
+def test_resume_from_a_checkpoint_that_does_not_fit_is_refused(tmp_path, interrupted):
+    flags, killed = interrupted
+    out = tmp_path / "run"
+    shutil.copytree(killed, out)
+    adapter = out / "checkpoints" / "step_2" / "adapter_model.safetensors"
+    weights = load_file(adapter)
+    dropped = sorted(weights)[0]
+    save_file({k: v for k, v in weights.items() if k != dropped}, adapter)
+    before = tree(out)
+    r = run_script("train_rank1.py", *flags, "--out", out, "--resume")
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and f"checkpoint lacks {dropped}" in last and "Traceback" not in r.stderr
+    assert tree(out) == before
 
 
 @pytest.mark.parametrize("content,flags,message", [
