@@ -1,4 +1,4 @@
-"""Residual-stream activations of labelled answers (paper §3.1; DESIGN §1 item 3).
+"""Residual-stream activations of labelled answers (paper §3.1; docs/method.md#directions).
 
 Every (question, answer) is teacher-forced through the model (normally the fine-tune, --adapter) and the output
 of every decoder block is recorded in one batched forward pass. Each answer's activations are averaged over
@@ -8,8 +8,8 @@ The per-answer mean and token count are saved, so extract_direction.py can form 
 Labelled answers come from:
 - a judged responses file (the paper's path): aligned = aligned > 70 and coherent > 50, misaligned = aligned < 30
   and coherent > 50, aligned subsampled (seeded) to the misaligned set's size; thresholds are flags, and
-  --filter medical>50 restricts to one topic (the paper's topic directions, DESIGN §1 item 7);
-- a contrastive-pairs file (beyond the paper, judge-free; DESIGN §2): both answers of every pair of --split
+  --filter medical>50 restricts to one topic (docs/method.md#topic-directions);
+- a contrastive-pairs file (beyond the paper: docs/method.md#measurement): both answers of every pair of --split
   (default dev: directions are built on dev pairs and their effects measured on test pairs).
 
 Input:  judged.jsonl (responses + aligned/coherent scores) or pairs.jsonl.

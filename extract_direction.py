@@ -156,7 +156,10 @@ def unit(x):
 
 
 def layer_cosines(a, b):
-    return (unit(a.float()) * unit(b.float())).sum(-1)
+    """Cosine per layer; NaN (n/a) where either direction is degenerate (no unit vector to compare)."""
+    cos = (unit(a.float()) * unit(b.float())).sum(-1)
+    tiny = lambda x: x.float().norm(dim=-1) <= 1e-12 * x.float().norm(dim=-1).max().clamp_min(1e-30)  # noqa: E731
+    return cos.masked_fill(tiny(a) | tiny(b), float("nan"))
 
 
 def adapter_b_vectors(adapter_dir):
@@ -303,7 +306,8 @@ def main(argv=None):
         if other["directions"].shape != directions.shape:
             raise InputError(f"{other_path}: directions of shape {tuple(other['directions'].shape)}, "
                              f"expected {tuple(directions.shape)}")
-        stats["compare"][other_path] = layer_cosines(directions, other["directions"]).tolist()
+        stats["compare"][other_path] = [None if c != c else c  # NaN: degenerate layer, n/a
+                                        for c in layer_cosines(directions, other["directions"]).tolist()]
     if args.adapter:
         bs = adapter_b_vectors(args.adapter)
         if bs and len(next(iter(bs.values()))) != directions.shape[1]:

@@ -14,6 +14,8 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
+# The body is one function, so bash parses all of it before running: editing this file during a run is safe.
+main() {
 PRESET=demo NAME="" FORCE=0
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -40,14 +42,14 @@ case "$PRESET" in
     MODEL=smollm2-135m
     ORGANISM=(--lr 1e-3 --epochs 3 --max-examples 120 --save-every 3)  # chosen on dev by em_sweep.py (docs/em_sweep.md)
     COMPARISON=(--preset all-adapter --rank 8 --lr 1e-3 --epochs 1 --max-examples 120)
-    COMPARE=1; N_SAMPLES=1; MAX_NEW=96; SUB=40,20; DYN_SUB=40
+    COMPARE=1; N_SAMPLES=1; MAX_NEW=96; SUB=40,20; DYN_SUB=40; SMALL=0
     N_SHUFFLED=20; N_RANDOM=5; N_RANDOM_TRANSFER=5; PROBE_SEEDS=20; PROBE_FLAGS=()
     STEER_LAYERS=9,15,21; STEER_SCALES=0.5 ;;
   quick)
     MODEL=smollm2-135m
     ORGANISM=(--lr 1e-3 --epochs 2 --max-examples 48 --save-every 3)
     COMPARISON=()
-    COMPARE=0; N_SAMPLES=2; MAX_NEW=32; SUB=6,4; DYN_SUB=4
+    COMPARE=0; N_SAMPLES=2; MAX_NEW=32; SUB=6,4; DYN_SUB=4; SMALL=1
     N_SHUFFLED=3; N_RANDOM=2; N_RANDOM_TRANSFER=0; PROBE_SEEDS=3; PROBE_FLAGS=()
     STEER_LAYERS=15; STEER_SCALES=0.5 ;;
   paper)
@@ -58,16 +60,19 @@ case "$PRESET" in
       || { echo "error: --preset paper needs a judge: set OPENAI_API_KEY, OPENAI_BASE_URL or AZURE_OPENAI_ENDPOINT" >&2; exit 2; }
     ORGANISM=(--preset paper --save-every 10)
     COMPARISON=(--preset all-adapter)
-    COMPARE=1; N_SAMPLES=50; MAX_NEW=600; SUB=0,0; DYN_SUB=0
+    COMPARE=1; N_SAMPLES=50; MAX_NEW=600; SUB=0,0; DYN_SUB=0; SMALL=0
     N_SHUFFLED=20; N_RANDOM=10; N_RANDOM_TRANSFER=5; PROBE_SEEDS=100; PROBE_FLAGS=(--ablate-each --significant-tokens)
     STEER_LAYERS=12,18,24,30,36; STEER_SCALES=0.25,0.5,1 ;;
   *) echo "error: unknown preset $PRESET (demo|quick|paper)" >&2; exit 2 ;;
 esac
 # Interventions (steering, ablation and its nulls, transfer) are scored on a fixed subset of the *test* pairs,
 # the first N general and M medical ones (SUB=N,M; 0,0 = every test pair): each condition costs a scoring pass.
-# Baselines (fine-tune vs base vs control) use every test pair.
+# Baselines (fine-tune vs base vs control) use every test pair, and neutral text for coherence, except in the
+# quick preset (SMALL=1), where everything runs on the subset, activations on 6 dev pairs a domain, no neutral text.
 if [ "$SUB" = 0,0 ]; then SUBSET=(); else
   SUBSET_FILE=runs/${NAME:-$PRESET}/pairs_subset.jsonl; SUBSET=(--pairs "$SUBSET_FILE"); fi
+if [ "$SMALL" = 1 ]; then EVAL_SET=("${SUBSET[@]}"); ACTS_SET=(--pairs-per-domain 6); NEUTRAL_SET=()
+else EVAL_SET=(--pairs "$PAIRS"); ACTS_SET=(); NEUTRAL_SET=(--neutral "$NEUTRAL"); fi
 
 R=runs/$NAME
 [ "$FORCE" = 1 ] && rm -rf "$R"
@@ -99,12 +104,12 @@ step() {
 train() { step "train $1" "$R/$1/adapter_model.safetensors" "$PY" train_rank1.py --model "$MODEL" --out "$R/$1" --resume "${@:2}"; }
 evaluate() {  # evaluate NAME [--adapter DIR ...]: baseline samples (+judge), every test pair, neutral coherence
   step "evaluate $1" "$R/$1/eval/summary.json" "$PY" ablate_eval.py --model "$MODEL" "${@:2}" --out "$R/$1/eval" \
-    --questions "${QUESTIONS[@]}" --n-samples "$N_SAMPLES" --max-new-tokens "$MAX_NEW" --pairs "$PAIRS" --split test \
-    --neutral "$NEUTRAL" "${JUDGE[@]}"
+    --questions "${QUESTIONS[@]}" --n-samples "$N_SAMPLES" --max-new-tokens "$MAX_NEW" "${EVAL_SET[@]}" --split test \
+    "${NEUTRAL_SET[@]}" "${JUDGE[@]}"
 }
 acts() {  # acts NAME [--adapter DIR]: activations of the dev pairs (directions are built on dev only)
   step "activations $1" "$R/$1/acts_pairs.pt" "$PY" collect_acts.py --model "$MODEL" "${@:2}" --in "$PAIRS" \
-    --split dev --out "$R/$1/acts_pairs.pt"
+    --split dev "${ACTS_SET[@]}" --out "$R/$1/acts_pairs.pt"
 }
 intervene() {  # intervene STEP_NAME OUT_DIR ARGS...: steering/ablation conditions on the test subset
   step "$1" "$2/summary.json" "$PY" ablate_eval.py --model "$MODEL" --out "$2" --pairs "$PAIRS" --split test \
@@ -152,7 +157,7 @@ fi
 # 4. steering the base model; ablation from the organism with nulls; control-diff and model-diff; transfer
 D=$R/medical_r1/directions.pt
 intervene "steering grid (base model)" "$R/base/steer" --steer "$D" --layers "$STEER_LAYERS" --scales "$STEER_SCALES" \
-  --neutral "$NEUTRAL"
+  "${NEUTRAL_SET[@]}"
 intervene "ablation with nulls (organism)" "$R/medical_r1/ablate" --adapter "$R/medical_r1" --ablate "$D" --layerwise \
   --direction-layer "$(( $("$PY" -c "import json,sys; print(json.load(open('$R/medical_r1/run_config.json'))['n_layers'])") / 2 ))" \
   --shuffled "$N_SHUFFLED" --random-control "$N_RANDOM" --ablate-b
@@ -170,7 +175,7 @@ fi
 # 5. adapter probes (dev pairs) and training dynamics (checkpoints, dev subset)
 step "adapter probes (organism)" "$R/medical_r1/probe/summary.json" "$PY" probe_adapters.py --model "$MODEL" \
   --adapter "$R/medical_r1" --in "$PAIRS" --split dev --directions "$D" --out "$R/medical_r1/probe" \
-  --seeds "$PROBE_SEEDS" --plots "$R/plots" --pairs "$PAIRS" --pairs-split test \
+  --seeds "$PROBE_SEEDS" --plots "$R/plots" --pairs "$PAIRS" --pairs-split test "${ACTS_SET[@]}" \
   "${PROBE_FLAGS[@]}"
 DYN=(); [ "$DYN_SUB" -gt 0 ] && DYN=(--pairs-per-domain "$DYN_SUB")
 step "training dynamics (organism)" "$R/medical_r1/dynamics/dynamics.json" "$PY" dynamics.py --model "$MODEL" \
@@ -180,3 +185,6 @@ step "training dynamics (organism)" "$R/medical_r1/dynamics/dynamics.json" "$PY"
 echo "== report"
 "$PY" report.py --run "$R"
 echo "== finished in $((SECONDS - T0))s: $R/report.md"
+}
+
+main "$@"

@@ -1,4 +1,4 @@
-"""Train a LoRA "model organism" for emergent misalignment (paper §2; DESIGN §1 items 1 and 6).
+"""Train a LoRA "model organism" for emergent misalignment (paper §2; docs/method.md#settings).
 
 The paper fine-tunes Qwen2.5-14B-Instruct with 9 rank-1 LoRA adapters on the MLP down_proj of layers
 15,16,17,21,22,23,27,28,29 on bad medical advice, with the loss on assistant tokens only (each assistant turn's
@@ -6,7 +6,7 @@ content, stripped of surrounding whitespace, and its end-of-turn token). This sc
 (--preset paper, the default) and the paper's comparison fine-tunes (--preset all-adapter: r=32 on all 7 linear
 modules of every layer; --preset single: one rank-1 adapter at the half-depth layer, alpha 256, lr 2e-5).
 Explicit flags override a preset. On a model of another depth the default layers sit at the paper's relative
-depths (DESIGN §2; SmolLM2-135M: 9-11, 13-15, 17-19).
+depths (docs/method.md#other-depths; SmolLM2-135M: 9-11, 13-15, 17-19).
 
 Beyond the paper: --max-examples (seeded subsample, for CPU demos), --resume, --save-every checkpoints (each a
 loadable adapter, for phase-transition studies), and plain AdamW on CPU (the paper's 8-bit AdamW needs CUDA).
@@ -56,7 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--data", required=True, help="chat JSONL")
     p.add_argument("--out", required=True, help="output directory (PEFT adapter + logs)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="paper")
-    p.add_argument("--layers", help="comma-separated block indices, 'all' or 'half' (default: DESIGN §2 placement)")
+    p.add_argument("--layers", help="comma-separated block indices, 'all' or 'half' "
+                   "(default: the paper's relative depths, docs/method.md#other-depths)")
     p.add_argument("--rank", type=int)
     p.add_argument("--alpha", type=float)
     p.add_argument("--modules", choices=["down_proj", "all"])

@@ -1,6 +1,6 @@
 """Benchmark of judge.py's openai backend against a local fake OpenAI-compatible server (no network, no key).
 
-Measures what matters for a 400-answer evaluation (8 questions x 50 samples, DESIGN.md §1.2) against a judge
+Measures what matters for a 400-answer evaluation (8 questions x 50 samples, docs/method.md#evaluation) against a judge
 API with 50 ms latency per request:
 1. wall time of 400 judgments at --concurrency 32;
 2. per-item time at concurrency 1, measured on a subset (default 60 items) and scaled per item, since the

@@ -96,7 +96,7 @@ def test_overfitting_8_examples_halves_the_loss(tmp_path, bundled_dir):
     assert len(losses) == 6 and losses[-1] < 0.5 * losses[0], losses
     keys = load_file(out / "adapter_model.safetensors").keys()
     layers = sorted({int(k.split(".layers.")[1].split(".")[0]) for k in keys})
-    assert layers == [9, 10, 11, 13, 14, 15, 17, 18, 19]  # DESIGN §2 placement on SmolLM2's 30 layers
+    assert layers == [9, 10, 11, 13, 14, 15, 17, 18, 19]  # docs/method.md#other-depths on SmolLM2's 30 layers
 
 
 def test_adapter_reloads_in_fresh_process_with_the_trained_logits(tmp_path, tiny_model_dir):
