@@ -396,12 +396,12 @@ def generate(model, tok, prompts, n=1, max_new_tokens=600, temperature=1.0, top_
         gens = [torch.Generator(device=logits.device).manual_seed(seeds[j]) for j in idx]
         done = torch.zeros(len(idx), dtype=torch.bool, device=dev)
         new = []
-        for _ in range(max_new_tokens):
+        for t in range(max_new_tokens):
             nxt = _sample_next(logits, temperature, top_p, gens)
             nxt = torch.where(done, torch.full_like(nxt, tok.pad_token_id), nxt)
             new.append(nxt)
             done |= torch.isin(nxt, torch.tensor(sorted(eos), device=dev))
-            if done.all():
+            if done.all() or t == max_new_tokens - 1:  # no forward pass for a token nobody will sample
                 break
             mask = torch.cat([mask, (~done).long()[:, None]], 1)
             pos = pos + 1

@@ -323,7 +323,7 @@ def main(argv=None):
     norms = stats["norms"]
     print("norm per layer: " + " ".join(f"{n:.2f}" for n in norms))
     for name, cos in stats["compare"].items():
-        print(f"cosine with {name}: " + " ".join(f"{c:.2f}" for c in cos))
+        print(f"cosine with {name}: " + " ".join("n/a" if c is None else f"{c:.2f}" for c in cos))
     if "adapter_b_cosine" in stats:
         print("cos(B, v_l): " + " ".join(f"L{l}={c:.2f}" for l, c in stats["adapter_b_cosine"].items()))
     peak = max(range(len(norms)), key=norms.__getitem__)

@@ -34,10 +34,10 @@ RULES = {
     "steering": "reproduced: some steering setting raises the general score (interval above 0, p < 0.05); partly: "
                 "only the medical score rises",
     "ablation": "reproduced: layerwise ablation's induced-shift share has an interval above 0 and its effect beats "
-                "both nulls (p < 0.05); partly: the effect is negative with p < 0.05 against the nulls but there is "
-                "no induced shift to remove (share n/a)",
-    "transfer": "reproduced: on both comparison fine-tunes the layerwise effect is below 0 (interval) and beats the "
-                "random nulls (p < 0.05); partly: on one",
+                "the nulls (p < 0.05 against the label-shuffled ones, lower than every random one); partly: it beats "
+                "the nulls but there is no induced shift to remove (share n/a)",
+    "transfer": "reproduced: on both comparison fine-tunes the layerwise effect is below 0 (interval) and lower than "
+                "every random null; partly: on one",
     "convergence": "reproduced: mean per-layer cosine with the comparison fine-tunes > 0.8 and above the base-model "
                    "control's by > 0.05; otherwise confounded by the texts",
     "specialisation": "reproduced: the verdict rule finds both general and domain adapters; partly: only one kind",
@@ -159,6 +159,10 @@ def steering_section(run, verdicts):
     return out
 
 
+ABLATION_HEAD = ["| condition | general effect | p shuffled | p random | induced share | medical effect | p shuffled "
+                 "| p random | induced share |", "|---|---|---|---|---|---|---|---|---|"]
+
+
 def ablation_rows(s, names, nulls=None):
     rows = []
     for n in names:
@@ -181,8 +185,6 @@ def ablation_section(run, verdicts):
     s = load(run / "medical_r1" / "ablate" / "summary.json")
     if not s:
         return ["not run"]
-    head = ["| condition | general effect | p shuffled | p random | induced share | medical effect | p shuffled | "
-            "p random | induced share |", "|---|---|---|---|---|---|---|---|---|"]
     ref = s.get("reference_shift", {})
     n_null = {f: len(v.get("general", [])) for f, v in s.get("nulls", {}).items()}
     out = [f"Ablation from the organism at every block, scored on {s['n_pairs']} test pairs. Effects are paired "
@@ -191,7 +193,7 @@ def ablation_section(run, verdicts):
            f"applied the same way; the induced share is (organism − ablated) / (organism − base).", "",
            f"Induced shift on these pairs (organism − base): general "
            f"{fmt_ci(ref['general']['diff'], ref['general']['ci']) if 'general' in ref else 'n/a'}, medical "
-           f"{fmt_ci(ref['medical']['diff'], ref['medical']['ci']) if 'medical' in ref else 'n/a'}.", ""] + head
+           f"{fmt_ci(ref['medical']['diff'], ref['medical']['ci']) if 'medical' in ref else 'n/a'}.", ""] + ABLATION_HEAD
     out += ablation_rows(s, ["ablate_layerwise"] + [n for n in s["conditions"] if n.startswith("ablate_L")] +
                          ["ablate_B"])
     for n, why in s.get("not_applicable", {}).items():
@@ -205,7 +207,9 @@ def ablation_section(run, verdicts):
     lw = s["effects"]["general"].get("ablate_layerwise")
     ps = s.get("null_p", {}).get("general", {}).get("ablate_layerwise", {})
     share = s.get("induced_share", {}).get("general", {}).get("ablate_layerwise", {})
-    beats = bool(ps) and all(p is not None and p < 0.05 for p in ps.values())
+    n_random = len(s.get("nulls", {}).get("random", {}).get("general", []))
+    beats = (ps.get("shuffled") is not None and ps["shuffled"] < 0.05 and ps.get("random") is not None
+             and ps["random"] <= 1 / (n_random + 1) + 1e-9)
     if lw:
         if share.get("share") not in (None, "n/a") and share["ci"][0] > 0 and beats:
             v = "reproduced"
@@ -225,13 +229,12 @@ def transfer_section(run, verdicts):
         s = load(run / name / "ablate_transfer" / "summary.json")
         if not s:
             continue
-        out += [f"`{name}` ({FINETUNES[name]}), {s['n_pairs']} test pairs:", "",
-                "| condition | general effect | p shuffled | p random | induced share | medical effect | p shuffled | "
-                "p random | induced share |", "|---|---|---|---|---|---|---|---|---|"]
+        out += [f"`{name}` ({FINETUNES[name]}), {s['n_pairs']} test pairs:", "", *ABLATION_HEAD]
         out += ablation_rows(s, ["ablate_layerwise"]) + [""]
         e = s["effects"]["general"]["ablate_layerwise"]
         p = s.get("null_p", {}).get("general", {}).get("ablate_layerwise", {}).get("random")
-        ok.append(e["ci"][1] < 0 and p is not None and p < 0.05)
+        k = len(s.get("nulls", {}).get("random", {}).get("general", []))
+        ok.append(e["ci"][1] < 0 and p is not None and p <= 1 / (k + 1) + 1e-9)
     if ok:
         verdicts["transfer"] = ("reproduced" if all(ok) else "partly" if any(ok) else "not reproduced",
                                 f"{sum(ok)} of {len(ok)} fine-tunes")

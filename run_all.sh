@@ -42,14 +42,14 @@ case "$PRESET" in
     MODEL=smollm2-135m
     ORGANISM=(--lr 1e-3 --epochs 3 --max-examples 120 --save-every 3)  # chosen on dev by em_sweep.py (docs/em_sweep.md)
     COMPARISON=(--preset all-adapter --rank 8 --lr 1e-3 --epochs 1 --max-examples 120)
-    COMPARE=1; N_SAMPLES=1; MAX_NEW=96; SUB=40,20; DYN_SUB=40; SMALL=0
-    N_SHUFFLED=20; N_RANDOM=5; N_RANDOM_TRANSFER=5; PROBE_SEEDS=20; PROBE_FLAGS=()
+    COMPARE=1; N_SAMPLES=0; MAX_NEW=96; SUB=30,15; DYN_SUB=12; SMALL=0; DEV_SUB=40
+    N_SHUFFLED=20; N_RANDOM=10; N_RANDOM_TRANSFER=3; PROBE_SEEDS=20; PROBE_FLAGS=()
     STEER_LAYERS=9,15,21; STEER_SCALES=0.5 ;;
   quick)
     MODEL=smollm2-135m
     ORGANISM=(--lr 1e-3 --epochs 2 --max-examples 48 --save-every 3)
     COMPARISON=()
-    COMPARE=0; N_SAMPLES=2; MAX_NEW=32; SUB=6,4; DYN_SUB=4; SMALL=1
+    COMPARE=0; N_SAMPLES=0; MAX_NEW=32; SUB=6,4; DYN_SUB=4; SMALL=1; DEV_SUB=6
     N_SHUFFLED=3; N_RANDOM=2; N_RANDOM_TRANSFER=0; PROBE_SEEDS=3; PROBE_FLAGS=()
     STEER_LAYERS=15; STEER_SCALES=0.5 ;;
   paper)
@@ -60,7 +60,7 @@ case "$PRESET" in
       || { echo "error: --preset paper needs a judge: set OPENAI_API_KEY, OPENAI_BASE_URL or AZURE_OPENAI_ENDPOINT" >&2; exit 2; }
     ORGANISM=(--preset paper --save-every 10)
     COMPARISON=(--preset all-adapter)
-    COMPARE=1; N_SAMPLES=50; MAX_NEW=600; SUB=0,0; DYN_SUB=0; SMALL=0
+    COMPARE=1; N_SAMPLES=50; MAX_NEW=600; SUB=0,0; DYN_SUB=0; SMALL=0; DEV_SUB=0
     N_SHUFFLED=20; N_RANDOM=10; N_RANDOM_TRANSFER=5; PROBE_SEEDS=100; PROBE_FLAGS=(--ablate-each --significant-tokens)
     STEER_LAYERS=12,18,24,30,36; STEER_SCALES=0.25,0.5,1 ;;
   *) echo "error: unknown preset $PRESET (demo|quick|paper)" >&2; exit 2 ;;
@@ -68,11 +68,15 @@ esac
 # Interventions (steering, ablation and its nulls, transfer) are scored on a fixed subset of the *test* pairs,
 # the first N general and M medical ones (SUB=N,M; 0,0 = every test pair): each condition costs a scoring pass.
 # Baselines (fine-tune vs base vs control) use every test pair, and neutral text for coherence, except in the
-# quick preset (SMALL=1), where everything runs on the subset, activations on 6 dev pairs a domain, no neutral text.
+# quick preset (SMALL=1), where everything runs on the subset, without neutral text. Activations and probes use
+# the first DEV_SUB dev pairs of each domain (0: all). Answers are sampled (N_SAMPLES per question) only when a judge
+# is configured, or in the paper preset: without a judge nothing would read them.
 if [ "$SUB" = 0,0 ]; then SUBSET=(); else
   SUBSET_FILE=runs/${NAME:-$PRESET}/pairs_subset.jsonl; SUBSET=(--pairs "$SUBSET_FILE"); fi
-if [ "$SMALL" = 1 ]; then EVAL_SET=("${SUBSET[@]}"); ACTS_SET=(--pairs-per-domain 6); NEUTRAL_SET=()
-else EVAL_SET=(--pairs "$PAIRS"); ACTS_SET=(); NEUTRAL_SET=(--neutral "$NEUTRAL"); fi
+if [ "$SMALL" = 1 ]; then EVAL_SET=("${SUBSET[@]}"); NEUTRAL_SET=()
+else EVAL_SET=(--pairs "$PAIRS"); NEUTRAL_SET=(--neutral "$NEUTRAL"); fi
+ACTS_SET=(); [ "$DEV_SUB" -gt 0 ] && ACTS_SET=(--pairs-per-domain "$DEV_SUB")
+[ ${#JUDGE[@]} -gt 0 ] && [ "$N_SAMPLES" = 0 ] && N_SAMPLES=2
 
 R=runs/$NAME
 [ "$FORCE" = 1 ] && rm -rf "$R"
@@ -104,8 +108,8 @@ step() {
 train() { step "train $1" "$R/$1/adapter_model.safetensors" "$PY" train_rank1.py --model "$MODEL" --out "$R/$1" --resume "${@:2}"; }
 evaluate() {  # evaluate NAME [--adapter DIR ...]: baseline samples (+judge), every test pair, neutral coherence
   step "evaluate $1" "$R/$1/eval/summary.json" "$PY" ablate_eval.py --model "$MODEL" "${@:2}" --out "$R/$1/eval" \
-    --questions "${QUESTIONS[@]}" --n-samples "$N_SAMPLES" --max-new-tokens "$MAX_NEW" "${EVAL_SET[@]}" --split test \
-    "${NEUTRAL_SET[@]}" "${JUDGE[@]}"
+    --questions "${QUESTIONS[@]}" --n-samples "$N_SAMPLES" --max-new-tokens "$MAX_NEW" --pairs "$PAIRS" --split test \
+    "${EVAL_SET[@]}" "${JUDGE[@]}"
 }
 acts() {  # acts NAME [--adapter DIR]: activations of the dev pairs (directions are built on dev only)
   step "activations $1" "$R/$1/acts_pairs.pt" "$PY" collect_acts.py --model "$MODEL" "${@:2}" --in "$PAIRS" \
@@ -126,9 +130,13 @@ if [ "$COMPARE" = 1 ]; then
   FINETUNES+=(medical_r8 sports_r8)
 fi
 
-# 2. baselines on every test pair: base, organism, control, comparisons (EM in miniature is read from these)
+# 2. baselines on every test pair with neutral text: base, organism, control (EM in miniature is read from these);
+#    the comparison fine-tunes on the intervention subset (they serve transfer)
+EVAL_SET+=("${NEUTRAL_SET[@]}")
 evaluate base
-for f in "${FINETUNES[@]}"; do evaluate "$f" --adapter "$R/$f" --reference "$R/base/eval"; done
+for f in medical_r1 good_r1; do evaluate "$f" --adapter "$R/$f" --reference "$R/base/eval"; done
+EVAL_SET=("${SUBSET[@]}")
+for f in "${FINETUNES[@]:2}"; do evaluate "$f" --adapter "$R/$f" --reference "$R/base/eval"; done
 
 # 3. activations on dev pairs; mean-diff (with label-shuffled nulls), model-diff and control-diff directions
 acts base

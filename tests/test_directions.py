@@ -87,6 +87,8 @@ def test_cli_directions_file_format_and_model_diff(tmp_path, tiny_model_dir, pai
     assert (tmp_path / "plots" / "direction_norms_cosines.png").exists()
     stats = json.loads((tmp_path / "d_stats.json").read_text())
     assert len(stats["norms"]) == 4 and len(stats["layer_cosines"]) == 4
+    # the model-diff of identical models has no direction at any layer: its cosines are n/a, never a measured 0
+    assert set(stats["compare"][str(tmp_path / "md.pt")]) == {None}
 
 
 def projections(model, tok, units, layers):
