@@ -95,6 +95,8 @@ def em_section(run, verdicts):
         coh = s.get("coherence", {}).get("none", {}).get("vs_reference")
         shifts[name] = {"shift": shift, "neutral": coh}
         steps = (load(run / name / "train_summary.json") or {}).get("steps", "–")
+        n = shift.get("all", {}).get("n")
+        label += f", {n} test pairs" if n and n != b.get("all", {}).get("n") else ""
         out.append(f"| {label} (`{name}`) | " + " | ".join(
             fmt_ci(shift[d]["diff"], shift[d]["ci"]) if d in shift else "–"
             for d in ("general", "medical", "financial", "sports"))
@@ -287,7 +289,9 @@ def probe_section(run, verdicts):
             ours = "all-zero classifier (n/a)"
         else:
             ours = f"{t['accuracy']['mean']:.2f}±{t['accuracy']['sd']:.2f} / {t['auc']['mean']:.2f}±{t['auc']['sd']:.2f}"
-        out.append(f"| {key.replace('_', ' ')} | {acc:.2f} / {auc:.2f} | {ours} | {t.get('chosen_C', '–')} |")
+        chosen = (t.get("C") or {}).get("chosen")
+        chosen = ", ".join(f"{c} ({n}×)" for c, n in chosen.items()) if chosen else "–"
+        out.append(f"| {key.replace('_', ' ')} | {acc:.2f} / {auc:.2f} | {ours} | {chosen} |")
     v = s.get("verdicts", {})
     kinds = {k: [n for n, x in v.items() if x["verdict"] == k] for k in ("general", "domain", "unclear")}
     out += ["", "Adapter verdicts (fixed rule, probe_adapters.py): " + "; ".join(f"{k}: {', '.join(n) or 'none'}"

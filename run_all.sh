@@ -40,10 +40,10 @@ QUESTIONS=(data/eval/first_plot_questions.jsonl data/eval/medical_questions.json
 case "$PRESET" in
   demo)
     MODEL=smollm2-135m
-    ORGANISM=(--lr 1e-3 --epochs 3 --max-examples 120 --save-every 3)  # chosen on dev by em_sweep.py (docs/em_sweep.md)
+    ORGANISM=(--lr 3e-3 --epochs 3 --max-examples 120 --save-every 3)  # chosen on dev by em_sweep.py (docs/em_sweep.md)
     COMPARISON=(--preset all-adapter --rank 8 --lr 1e-3 --epochs 1 --max-examples 120)
-    COMPARE=1; N_SAMPLES=0; MAX_NEW=96; SUB=30,15; DYN_SUB=12; SMALL=0; DEV_SUB=40
-    N_SHUFFLED=20; N_RANDOM=10; N_RANDOM_TRANSFER=3; PROBE_SEEDS=20; PROBE_FLAGS=()
+    COMPARE=1; N_SAMPLES=0; MAX_NEW=96; SUB=20,10; DYN_SUB=8; SMALL=0; DEV_SUB=40
+    N_SHUFFLED=20; N_RANDOM=5; N_RANDOM_TRANSFER=3; PROBE_SEEDS=10; PROBE_FLAGS=()
     STEER_LAYERS=9,15,21; STEER_SCALES=0.5 ;;
   quick)
     MODEL=smollm2-135m
