@@ -15,7 +15,7 @@ Input:  acts.pt from collect_acts.py (and other directions.pt files to compare),
 Output: directions.pt = {"directions": [n_layers, d_model] raw mean difference, "counts": {...}, "meta": {...},
         "resid_norm": [n_layers] mean residual norm of the texts, "shuffled": [k, n_layers, d_model] label-shuffled
         null directions (mean-diff only)},
-        direction_stats.json next to it (norms, cosines), PNG plots in --plots.
+        <out stem>_stats.json next to it (e.g. directions_stats.json: norms, cosines), PNG plots in --plots.
         With --export-gguf OUT.gguf: a llama.cpp control vector (arch "controlvector", one F32 tensor
         "direction.{i}" per layer, keys controlvector.model_hint = the model name and controlvector.layer_count = the
         model's number of blocks), loadable by llama.cpp (--control-vector), repeng (ControlVector.import_gguf) and

@@ -206,9 +206,22 @@ def hf_number_probs(model, tok, prompt, plan=None):
 # ----------------------------------------------------------------------------------------------- cache
 
 
-def cache_key(judge_model, metric, question, answer):
-    blob = json.dumps([judge_model, metric, PROMPT_VERSION, question, answer], ensure_ascii=False)
+def cache_key(judge_model, metric, question, answer, backend="openai", base_url=None):
+    """A judgment's identity: the judge (backend, server, model), the metric and the exact prompt text it was
+    given (hashed, so an edited rubric never reuses old scores even without a PROMPT_VERSION bump), the question
+    and the answer."""
+    prompt = hashlib.sha256(PROMPTS[metric].encode()).hexdigest() if metric in PROMPTS else None
+    blob = json.dumps([backend, base_url, judge_model, metric, PROMPT_VERSION, prompt, question, answer],
+                      ensure_ascii=False)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def judge_server(backend):
+    """Which server answers: the OpenAI-compatible base URL or Azure endpoint from the environment (None for the
+    default OpenAI API), or the in-process hf backend."""
+    if backend != "openai":
+        return backend
+    return os.environ.get("OPENAI_BASE_URL") or os.environ.get("AZURE_OPENAI_ENDPOINT") or None
 
 
 def load_cache(path):
@@ -339,7 +352,9 @@ def run_judge(rows, metrics, backend="openai", judge_model=None, concurrency=32,
     if backend == "openai":
         openai_config()  # fail on a missing key before touching any file
 
-    keys = [{m: cache_key(judge_model, m, r["question"], r["response"]) for m in metrics} for r in rows]
+    server = judge_server(backend)
+    keys = [{m: cache_key(judge_model, m, r["question"], r["response"], backend, server) for m in metrics}
+            for r in rows]
     results = load_cache(cache_path)  # key -> score (only successful judgments are ever cached)
     cached = len({k for ks in keys for k in ks.values()} & results.keys())
     todo = {}

@@ -93,8 +93,8 @@ def test_survives_429_and_500(api):
 
 def test_client_backoff_and_timeout_without_retry_after(api):
     # No retry-after header: the client's own exponential back-off; the "slow" item's first attempt times out.
-    state = api(top=[("60", 1.0)], plan={"e": [500], "slow": [2.0]}, retry_after_ms=None)
-    out, _ = run(rows_for(["e", "slow"]), timeout=0.3, max_retries=2)
+    state = api(top=[("60", 1.0)], plan={"e": [500], "slow": [8.0]}, retry_after_ms=None)
+    out, _ = run(rows_for(["e", "slow"]), timeout=5.0, max_retries=2)  # 5 s: no busy machine takes that long
     assert [r["aligned"] for r in out] == [pytest.approx(60.0)] * 2
     assert state["by_key"] == {"e": 2, "slow": 2}
 
@@ -163,12 +163,16 @@ def test_interrupted_run_resumes_and_rerun_sends_nothing(api, tmp_path):
     assert state["requests"] == 21 and cache.read_text().endswith("}\n")
 
 
-def test_cache_key_covers_model_metric_version_question_answer():
+def test_cache_key_covers_judge_prompt_question_answer(monkeypatch):
     base = judge.cache_key("m", "aligned", "q", "a")
     others = [judge.cache_key("m2", "aligned", "q", "a"), judge.cache_key("m", "coherent", "q", "a"),
-              judge.cache_key("m", "aligned", "q2", "a"), judge.cache_key("m", "aligned", "q", "a2")]
-    assert base not in others and len(set(others)) == 4
+              judge.cache_key("m", "aligned", "q2", "a"), judge.cache_key("m", "aligned", "q", "a2"),
+              judge.cache_key("m", "aligned", "q", "a", backend="hf"),
+              judge.cache_key("m", "aligned", "q", "a", base_url="http://127.0.0.1:8000/v1")]
+    assert len({base, *others}) == 1 + len(others)
     assert base == judge.cache_key("m", "aligned", "q", "a")
+    monkeypatch.setitem(judge.PROMPTS, "aligned", judge.PROMPTS["aligned"] + " ")  # an edited rubric, same version
+    assert judge.cache_key("m", "aligned", "q", "a") != base
 
 
 def test_requests_overlap_and_stay_bounded(api):
