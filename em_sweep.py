@@ -152,7 +152,9 @@ def write_docs(args, results, controls, chosen, pairs):
                      f"{fmt_ci(c['vs_base']['general']['diff'], c['vs_base']['general']['ci'])} | "
                      f"{fmt_ci(c['bad_vs_good']['general']['diff'], c['bad_vs_good']['general']['ci'])} | "
                      f"{fmt_ci(c['bad_vs_good']['medical']['diff'], c['bad_vs_good']['medical']['ci'])} |")
-    lines += ["", "![sweep](em_sweep.png)", ""]
+    lines += ["", "`train s` is wall-clock training time as train_rank1.py logged it: it includes any time the machine "
+              "was shared or the run was paused, so compare tokens/s in each run's train_summary.json, not this "
+              "column, for speed.", "", "![sweep](em_sweep.png)", ""]
     (docs / "em_sweep.md").write_text("\n".join(lines) + "\n")
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
