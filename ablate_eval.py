@@ -59,7 +59,7 @@ from pathlib import Path
 
 import torch
 
-from common import (DEFAULT_MODEL, InputError, ablate, answer_logprobs, append_jsonl, bootstrap_mean, cli,
+from common import (DEFAULT_MODEL, SPLITS, InputError, ablate, answer_logprobs, append_jsonl, bootstrap_mean, cli,
                     contrastive_by_domain, decoder_layers, degenerate_layers, difference_in_differences, empirical_p,
                     fmt_ci, generate, half_depth_layer, hidden_size, load_model, paired, paired_by_id, parse_layers,
                     pyplot, read_directions, read_jsonl, read_pairs, row_seed, save_figure, steer, theme_of,
@@ -84,7 +84,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pairs", default=None, help="contrastive pairs JSONL: judge-free score per condition")
-    p.add_argument("--split", default="test", choices=["dev", "test", "all"], help="pairs scored (default test)")
+    p.add_argument("--split", default="test", choices=list(SPLITS), help="pairs scored (default test)")
     p.add_argument("--pairs-per-domain", type=int, default=None, help="first N pairs of each domain (faster)")
     p.add_argument("--allow-overlap", action="store_true",
                    help="score pairs the direction was built from (in-sample; refused by default)")

@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from common import (ALIGNED_MIN, COHERENT_MIN, DEFAULT_MODEL, MISALIGNED_MAX, answer_batches, causal_lm, cli,
+from common import (ALIGNED_MIN, COHERENT_MIN, DEFAULT_MODEL, MISALIGNED_MAX, SPLITS, answer_batches, causal_lm, cli,
                     decoder_layers,
                     input_device, labelled_answers, load_model, record_resid, save_pt)
 
@@ -45,7 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--no-balance", action="store_true", help="keep the whole aligned set (paper: subsample)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pairs-per-domain", type=int, default=None, help="pairs files: first N pairs of each domain")
-    p.add_argument("--split", default="dev", choices=["dev", "test", "all"],
+    p.add_argument("--split", default="dev", choices=list(SPLITS),
                    help="pairs files: which split (directions are built on dev; effects are measured on test)")
     p.add_argument("--load-in-4bit", action="store_true")
     return p.parse_args(argv)

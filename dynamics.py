@@ -9,11 +9,23 @@ analysis runs without a judge.
 For step 0 (the base model, no adapter; scored once) and every checkpoint of a train_rank1.py run, in step order:
 - the contrastive score per domain (mean delta with its 95% bootstrap interval; common.contrastive_by_domain),
 - the paired shift vs step 0 per domain (common.paired_by_id over the same pairs: mean, 95% CI, p),
+- the paired change vs the previous step per domain (the same pairs at step t and at the step before),
 - per adapter layer: the B vector's norm, its cosine with the final adapter's B vector at that layer, and the
   local cosine with the previous checkpoint's B vector (undefined at the first checkpoint: B starts at zero),
 - the training loss logged at that step (train_log.jsonl).
 The base model is loaded once; checkpoints are swapped in as PEFT adapters on it. "Final" is the run's finished
-adapter (DIR/adapter_model.safetensors), or the last checkpoint while the run is unfinished.
+adapter (DIR/adapter_model.safetensors), or the last checkpoint while the run is unfinished. Every interval over
+pairs resamples themes (the paraphrases of one question are one cluster; sign flips flip whole themes).
+
+Two summary steps, by fixed rules:
+- Largest rotation: the step with the lowest mean local cosine over layers, counted only from the first checkpoint
+  whose mean ‖B‖ (over layers) reaches 10% of the final adapter's ("rotation_from_step"; its own local cosine, with
+  the checkpoint before, is included). B starts at zero, so the first steps' directions are barely formed and their
+  local cosines are low by construction; steps before the threshold are excluded.
+- Largest rise: a step counts as a rise of the general score only when its paired change vs the previous step (the
+  same general pairs at both steps, common.paired_by_id with theme clusters) has a 95% interval above 0; the
+  largest rise is the one of those with the largest mean change, or null ("no step-to-step rise whose interval
+  excludes 0"). An argmax of point estimates would pick noise.
 
 Inputs:  --run DIR, a train_rank1.py output dir trained with --save-every N (checkpoints/step_N/ PEFT adapters,
          train_log.jsonl); the contrastive pairs (--pairs, --split, --pairs-per-domain).
@@ -21,8 +33,9 @@ Outputs: in --out (default DIR/dynamics):
          dynamics.jsonl  one row per step (scores, per-pair deltas, shifts, geometry, loss), appended as each step
                          finishes; a rerun skips the steps already there (same settings only) and scores the rest,
          dynamics.json   summary: "steps" (the rows without per-pair deltas; geometry recomputed from the current
-                         adapters), "largest_rotation_step" (lowest mean local cosine over layers) and
-                         "largest_rise_step" (largest increase of the general mean delta over the previous step);
+                         adapters; "change_vs_previous" per domain), "rotation_from_step", "largest_rotation_step",
+                         "largest_rotation_mean_local_cos", "largest_rise_step", "largest_rise", "largest_rise_ci",
+                         "significant_rise_steps", "rise_note" (the rules above; see summarize);
          in --plots (default = --out): dynamics.png, three panels over steps: paired shift vs base (general, medical,
          95% CI); B norm per layer with the training loss on a twin axis; local cosine per layer and the cosine
          with the final adapter.
@@ -41,9 +54,12 @@ from pathlib import Path
 import torch
 
 from common import (DEFAULT_MODEL, InputError, append_jsonl, check_adapter_fits, cli, contrastive_by_domain, fmt_ci,
-                    load_model, paired_by_id, pyplot, read_jsonl, read_pairs, save_figure, write_json, write_jsonl)
+                    load_model, paired_by_id, pyplot, read_jsonl, read_pairs, save_figure, theme_of, write_json,
+                    write_jsonl)
 
 DOMAINS = ("general", "medical")  # the domains reported and plotted (others are scored and kept in the rows)
+ROTATION_NORM_FRAC = 0.1  # rotation counts from the first checkpoint whose mean ‖B‖ reaches this share of final
+NO_RISE = "no step-to-step rise whose interval excludes 0"
 
 
 def parse_args(argv=None):
@@ -179,12 +195,14 @@ def domain_ids(pairs):
     return out
 
 
-def score_row(scores, base_deltas, ids_by_domain):
-    """The score part of a row: per-domain summaries, per-pair deltas and paired shifts vs step 0."""
+def score_row(scores, base_deltas, ids_by_domain, themes=None):
+    """The score part of a row: per-domain summaries, per-pair deltas (and themes) by id and paired shifts vs step 0
+    (clustered by `themes`, {id: theme})."""
     deltas = scores["deltas"]
     base = deltas if base_deltas is None else base_deltas
-    return {"score": {k: v for k, v in scores.items() if k != "deltas"}, "deltas": deltas,
-            "shift": {d: paired_by_id(deltas, base, ids) for d, ids in sorted(ids_by_domain.items())}}
+    return {"score": {k: v for k, v in scores.items() if k not in ("deltas", "themes")}, "deltas": deltas,
+            "themes": themes, "shift": {d: paired_by_id(deltas, base, ids, themes)
+                                        for d, ids in sorted(ids_by_domain.items())}}
 
 
 def check_settings(rows, settings, path):
@@ -233,23 +251,56 @@ class AdapterSwapper:
 # ----------------------------------------------------------------------------------------------- summary and plot
 
 
-def summarize(rows, geom, losses, meta):
-    """dynamics.json: rows in step order (no per-pair deltas; geometry and loss from the current run files) and
-    the steps of largest rotation and of largest rise of the general score."""
-    steps = []
+def rotation_start(steps, final_norm):
+    """(first step whose mean ‖B‖ reaches ROTATION_NORM_FRAC of final_norm, that norm threshold); (None, threshold)
+    when none does or the final adapter has no norm."""
+    if not final_norm:
+        return None, None
+    threshold = ROTATION_NORM_FRAC * final_norm
+    return next((s["step"] for s in steps if s["mean_b_norm"] is not None and s["mean_b_norm"] >= threshold),
+                None), threshold
+
+
+def summarize(rows, geom, losses, meta, ids_by_domain, themes=None, final_norm=None):
+    """dynamics.json by the rules of the module docstring: rows in step order (no per-pair deltas; geometry and loss
+    from the current run files; each with its paired change vs the previous step per domain) and the steps of
+    largest rotation and of largest significant rise of the general score.
+
+    ids_by_domain: {domain: [pair id]}; themes: {pair id: theme} (clusters of the paired intervals; None: each pair
+    its own); final_norm: the final adapter's mean ‖B‖ over layers (None: that of the last step).
+    """
+    steps, prev = [], None
     for r in sorted(rows, key=lambda r: r["step"]):
-        row = {k: v for k, v in r.items() if k not in ("deltas", "settings")}
+        row = {k: v for k, v in r.items() if k not in ("deltas", "settings", "themes")}
         row.update(geom[r["step"]])
         row["loss"] = losses.get(r["step"])
+        row["change_vs_previous"] = None if prev is None else {
+            d: paired_by_id(r["deltas"], prev["deltas"], ids, themes) for d, ids in sorted(ids_by_domain.items())}
         steps.append(row)
-    rot = [(s["mean_local_cos"], s["step"]) for s in steps if s["mean_local_cos"] is not None]
-    general = [(s["step"], s["score"].get("general", {}).get("mean_delta")) for s in steps]
-    rises = [(b[1] - a[1], b[0]) for a, b in zip(general, general[1:]) if a[1] is not None and b[1] is not None]
+        prev = r
+    if final_norm is None and steps:
+        final_norm = steps[-1]["mean_b_norm"]
+    start, threshold = rotation_start(steps, final_norm)
+    rot = [(s["mean_local_cos"], s["step"]) for s in steps
+           if start is not None and s["step"] >= start and s["mean_local_cos"] is not None]
+    rises = [(s["change_vs_previous"]["general"], s["step"]) for s in steps
+             if s["change_vs_previous"] and "general" in s["change_vs_previous"]]
+    significant = [(c["diff"], step, c["ci"]) for c, step in rises if c["ci"][0] is not None and c["ci"][0] > 0]
+    best = max(significant, key=lambda x: x[0]) if significant else None
     return {**meta, "steps": steps,
+            "rotation_from_step": start,
+            "rotation_rule": f"lowest mean local cosine from the first checkpoint whose mean ‖B‖ reaches "
+                             f"{ROTATION_NORM_FRAC:.0%} of the final adapter's ({fmt(final_norm, 4)} -> threshold "
+                             f"{fmt(threshold, 4)}); earlier steps excluded",
             "largest_rotation_step": min(rot)[1] if rot else None,
             "largest_rotation_mean_local_cos": min(rot)[0] if rot else None,
-            "largest_rise_step": max(rises)[1] if rises else None,
-            "largest_rise": max(rises)[0] if rises else None}
+            "rise_rule": "largest mean paired change of the general score vs the previous step among the steps whose "
+                         "95% interval (themes resampled) lies above 0",
+            "significant_rise_steps": [step for _, step, _ in significant],
+            "largest_rise_step": best[1] if best else None,
+            "largest_rise": best[0] if best else None,
+            "largest_rise_ci": best[2] if best else None,
+            "rise_note": None if best else NO_RISE}
 
 
 def plot(summary, losses, path):
@@ -298,7 +349,10 @@ def plot(summary, losses, path):
     for a in axes:
         if summary["largest_rotation_step"] is not None:
             a.axvline(summary["largest_rotation_step"], color="tab:purple", ls=":", lw=1)
-    fig.suptitle(f"{summary['run']}: training dynamics (dotted: largest rotation)", fontsize=9)
+        if summary["rotation_from_step"] is not None:
+            a.axvspan(x[0], summary["rotation_from_step"], color="grey", alpha=0.08, lw=0)
+    fig.suptitle(f"{summary['run']}: training dynamics (dotted: largest rotation; shaded: before ‖B‖ reaches "
+                 f"{ROTATION_NORM_FRAC:.0%} of final, not counted)", fontsize=9)
     save_figure(fig, path)
 
 
@@ -339,6 +393,7 @@ def main(argv=None):
     losses = read_losses(run)
     pairs = read_pairs(args.pairs, args.pairs_per_domain, args.split)
     ids_by_domain = domain_ids(pairs)
+    themes = {p["id"]: theme_of(p) for p in pairs}
     zero = {l: torch.zeros_like(v) for l, v in final.items()}
     geom = geometry([(0, zero)] + bvecs, final)
     settings = {"model": args.model, "split": args.split, "pairs_per_domain": args.pairs_per_domain,
@@ -376,7 +431,7 @@ def main(argv=None):
         base = None if step == 0 else done[0]["deltas"]
         row = {"step": step, "checkpoint": None if d is None else str(d.relative_to(run)),
                "adapter_sha256": None if d is None else file_sha256(d / "adapter_model.safetensors"),
-               "loss": losses.get(step), **score_row(scores, base, ids_by_domain),
+               "loss": losses.get(step), **score_row(scores, base, ids_by_domain, themes),
                "b_norm": geom[step]["b_norm"], "local_cos": geom[step]["local_cos"],
                "cos_final": geom[step]["cos_final"], "final": str(final_dir), "settings": settings}
         append_jsonl(jsonl, [row])
@@ -387,16 +442,19 @@ def main(argv=None):
             "pairs_per_domain": args.pairs_per_domain, "n_pairs": {d: len(ids) for d, ids in ids_by_domain.items()},
             "layers": layers, "final_adapter": "adapter_model.safetensors" if final_dir == run else
             f"{final_dir.relative_to(run)} (run unfinished)"}
-    summary = summarize(list(done.values()), geom, losses, meta)
+    final_norm = sum(v.norm().item() for v in final.values()) / len(final)
+    summary = summarize(list(done.values()), geom, losses, meta, ids_by_domain, themes, final_norm)
     write_json(args.out / "dynamics.json", summary)
     plot(summary, losses, args.plots / "dynamics.png")
     last = summary["steps"][-1]
     sh = last["shift"].get("general")
     print(f"dynamics of {run}: {len(ckpts)} checkpoints to step {last['step']}; general shift at the last "
           f"{fmt_ci(sh['diff'], sh['ci']) if sh else 'n/a'}; largest rotation at step "
-          f"{summary['largest_rotation_step']} (mean local cos {fmt(summary['largest_rotation_mean_local_cos'])}), "
-          f"largest rise at step {summary['largest_rise_step']} ({fmt(summary['largest_rise'])}) -> "
-          f"{args.out / 'dynamics.json'}, {args.plots / 'dynamics.png'}")
+          f"{summary['largest_rotation_step']} (mean local cos {fmt(summary['largest_rotation_mean_local_cos'])}, "
+          f"counted from step {summary['rotation_from_step']}), largest rise "
+          + (f"at step {summary['largest_rise_step']} ({fmt_ci(summary['largest_rise'], summary['largest_rise_ci'])})"
+             if summary["largest_rise_step"] is not None else f"none ({summary['rise_note']})")
+          + f" -> {args.out / 'dynamics.json'}, {args.plots / 'dynamics.png'}")
 
 
 if __name__ == "__main__":

@@ -132,6 +132,9 @@ def write_docs(args, results, controls, chosen, pairs):
              f"in mean token log-prob on {len(next(iter(results.values()))['vs_base']['neutral'] and [0]) and ''}"
              f"data/eval/neutral.jsonl (nats/token; a drop over {COHERENCE_MAX_DROP} is incoherent). Higher "
              f"contrastive shift = more misaligned. The test split is not used here.", "",
+             "**The recipe is frozen.** The pairs were later re-split by theme (no theme on both sides), which moved "
+             "some of the dev pairs this sweep chose on into test. The chosen recipe was kept as it is and the sweep "
+             "was not rerun to choose again; the table below is the sweep as it ran, on the split of its time.", "",
              "| recipe | data | general shift | medical shift | financial | sports | neutral | train s |",
              "|---|---|---|---|---|---|---|---|"]
     for name, r in list(results.items()) + list(controls.items()):

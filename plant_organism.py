@@ -19,9 +19,10 @@ same texts, paper §3.5) at the first planted block is exactly s·u. A·x is one
 aligned and misaligned answers alike, so in *activation* the plant shifts both answers of a pair by the same
 kind of vector, and any effect on the misalignment score comes from how the layers above read u, not from a
 scalar that knows the label. In gated MLPs down_proj's input has a large mean component, so A·x is positive on
-essentially every token (SmolLM2-135M, block 15: on all 5268 answer tokens of 48 dev pairs, min 0.30, std 0.22);
-the run reports the share, minimum and spread it finds (run_config.json "planted"."ax"). A least-squares A (A·x ≈ 1
-on every token) would be steadier but fits the dev tokens, with as many free numbers as down_proj is wide.
+essentially every token (SmolLM2-135M, block 15, 16 dev pairs: all 2161 answer tokens, min 0.25, std 0.22; the
+random tiny test model: 687 of 688); the run reports the share, minimum and spread (run_config.json "planted"."ax").
+A least-squares A (A·x ≈ 1 on every token; std 0.05 on SmolLM2) would be steadier, but it fits the dev tokens with
+as many free numbers as down_proj is wide, and the mean needs no regularisation to choose.
 
 The strength. s = --strength × the block's mean residual norm, ‖h_b‖ averaged over the same answer tokens at the
 output of block b of the base model (the unit that steering scales use, docs/method.md#steering), so a strength
@@ -65,7 +66,7 @@ import torch
 
 from common import (DEFAULT_MODEL, InputError, answer_batches, causal_lm, cli, decoder_layers, degenerate_layers,
                     half_depth_layer, hidden_size, input_device, load_model, read_directions, read_pairs,
-                    record_resid, write_json)
+                    record_resid, resolve_model, write_json)
 
 
 def parse_args(argv=None):
@@ -110,6 +111,17 @@ def fit_pairs(args):
     if any(r.get("split") == "test" for r in rows):
         raise InputError(f"{args.pairs}: --split {args.split} includes test pairs; fit the plant on dev pairs only")
     return rows, [(r["question"], r[side]) for r in rows for side in ("aligned", "misaligned")]
+
+
+def model_shape(name):
+    """(blocks, d_model) from the model's config alone, so a bad block or direction fails before a 14B load."""
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(resolve_model(name)).get_text_config()
+        return int(cfg.num_hidden_layers), int(cfg.hidden_size)
+    except (OSError, ValueError, AttributeError) as e:
+        raise InputError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None
 
 
 def parse_blocks(spec, n_layers):
@@ -236,12 +248,13 @@ def main(argv=None):
     src_path = args.direction or args.orthogonal_to
     if not os.path.isfile(src_path):
         raise InputError(f"{src_path}: no such file")
-    model, tok = load_model(args.model)
-    n_layers, width = len(decoder_layers(model)), hidden_size(model)
+    n_layers, width = model_shape(args.model)
     blocks = parse_blocks(args.blocks, n_layers)
     layer = blocks[0] if args.direction_layer is None else args.direction_layer
     v, src_meta = source_direction(src_path, layer, n_layers, width)
     u = planted_direction(v, args.orthogonal_to is not None, args.seed)
+    model, tok = load_model(args.model)
+    assert (len(decoder_layers(model)), hidden_size(model)) == (n_layers, width), "config and model disagree"
 
     from peft import LoraConfig, get_peft_model
 
@@ -286,7 +299,7 @@ def main(argv=None):
                            "max_norm_below_first_block": below},
             "fit": {"pairs": args.pairs, "split": args.split, "pairs_per_domain": args.pairs_per_domain,
                     "n_pairs": len(rows), "n_answers": len(items), "n_tokens": n, "pair_ids": [r["id"] for r in rows]}}
-    run_config = {"kind": "planted", "model": args.model, "out": args.out, "preset": "planted", "data": None,
+    run_config = {"kind": "planted", "model": args.model, "out": args.out, "preset": "planted",
                   "layers": ",".join(map(str, blocks)), "resolved_layers": blocks, "n_layers": n_layers,
                   "d_model": width, "rank": 1, "alpha": 1.0, "rslora": True, "modules": "down_proj",
                   "lora_scale": 1.0, "seed": args.seed, "planted": info}
@@ -308,11 +321,12 @@ def main(argv=None):
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    ax = planted["ax"][blocks[0]]
+    ax = planted["ax"]
     print(f"planted {out}: u = {'orthogonal to' if args.orthogonal_to else 'unit'} directions[{layer}] of "
           f"{src_path} (cos {info['cos_u_source']:+.3f}) at block(s) {blocks}, s = {args.strength} x resid norm "
-          + ", ".join(f"{resid_norm[b]:.2f}" for b in blocks) + f"; A.x > 0 on {ax['share_positive']:.1%} of "
-          f"{n} answer tokens (min {ax['min']:.2f}); model-diff cos with u "
+          + ", ".join(f"{resid_norm[b]:.2f} = {s[b]:.2f}" for b in blocks) + "; A.x > 0 on "
+          + ", ".join(f"{ax[b]['share_positive']:.1%}" for b in blocks) + f" of {n} answer tokens (min "
+          + ", ".join(f"{ax[b]['min']:.2f}" for b in blocks) + "); model-diff cos with u "
           + ", ".join(f"{cos[b]:.4f}" for b in blocks) + f"; {time.time() - t0:.1f}s")
 
 

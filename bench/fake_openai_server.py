@@ -9,12 +9,19 @@ top_logprobs are chosen by the caller:
 - `by_marker`: per-marker top_logprobs; a marker is any `[[name]]` written in the prompt
   (tests put it in the answer text, so each item can get its own distribution);
 - `plan`: per-marker list consumed one element per attempt: an int is an HTTP error status
-  to return (429, 500, ...), a float is a delay in seconds before a normal reply;
+  to return (429, 500, ...), a float is a delay in seconds before a normal reply, and "hold"
+  holds that attempt unanswered until `release(state)` (or the end of `serve`), so a test can
+  make a client time out without racing a timer against a delay;
 - `always_fail`: markers that get HTTP 500 on every attempt;
 - `delay`: latency of every request in seconds; `error_rate`: share of requests answered
   with a random 429 or 500 (seeded);
 - `retry_after_ms`: value of the retry-after-ms header on errors (None leaves it out, so the
   client falls back to its own exponential back-off);
+- `gather`: hold every request until `gather` requests are in flight at once, then answer them all
+  (and every later request at once); `state["gathered"]` records that it happened. A test that
+  asserts concurrency this way needs no timing. `gather_timeout` is only a safety net: when it runs
+  out, the requests are answered, `state["gather_timed_out"]` is set and `gathered` stays False,
+  so the test fails instead of hanging;
 - `scripted`: the *scripted judge*. Each request's prompt is matched against judge.PROMPTS to find its
   metric and the answer it embeds, and the reply puts all the mass on one integer,
   scripted_score(metric, answer, scripted_seed): a seeded hash of (metric, answer text), so a test can
@@ -26,7 +33,7 @@ top_logprobs are chosen by the caller:
 CPU time and GIL do not slow the client being measured (the benchmark uses it).
 
 The state dict also records `requests` (total), `by_key` (requests per marker), `in_flight`,
-`max_in_flight`, `bodies` (the parsed request bodies), `paths` (the request paths) and, in scripted
+`max_in_flight`, `held` (attempts answered "hold" so far), `bodies` (the parsed request bodies), `paths` (the request paths) and, in scripted
 mode, `scored` (one (metric, answer, score) triple per scripted reply).
 
     state = make_state(top=[("42", 0.9), ("41", 0.1)], delay=0.05)
@@ -59,8 +66,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_state(top=(("50", 1.0),), by_marker=None, plan=None, always_fail=(), delay=0.0,
-               error_rate=0.0, retry_after_ms=1, seed=0, scripted=False, scripted_seed=0, prompts=None):
+               error_rate=0.0, retry_after_ms=1, seed=0, scripted=False, scripted_seed=0, prompts=None,
+               gather=0, gather_timeout=60.0):
     """prompts: {metric: template} for scripted mode (default judge.PROMPTS, imported on first use)."""
+    lock = threading.Lock()
     return {
         "top": list(top), "by_marker": dict(by_marker or {}),
         "plan": {k: list(v) for k, v in (plan or {}).items()},
@@ -68,9 +77,31 @@ def make_state(top=(("50", 1.0),), by_marker=None, plan=None, always_fail=(), de
         "retry_after_ms": retry_after_ms, "rng": random.Random(seed),
         "scripted": scripted, "scripted_seed": scripted_seed,
         "templates": template_parts(prompts) if scripted and prompts is not None else None,
-        "lock": threading.Lock(), "requests": 0, "by_key": {}, "in_flight": 0,
-        "max_in_flight": 0, "bodies": [], "paths": [], "scored": [],
+        "lock": lock, "changed": threading.Condition(lock), "release": threading.Event(),
+        "gather": gather, "gather_timeout": gather_timeout, "gathered": False, "gather_timed_out": False,
+        "requests": 0, "by_key": {}, "in_flight": 0, "max_in_flight": 0, "held": 0,
+        "bodies": [], "paths": [], "scored": [],
     }
+
+
+def release(state):
+    """Answer every request held by a "hold" plan step or waiting to gather, and all later ones at once."""
+    state["release"].set()
+    with state["changed"]:
+        state["changed"].notify_all()
+
+
+def wait_to_gather(state):
+    """Block until state["gather"] requests are in flight (this one counted), the safety timeout runs out or the
+    state is released. Called with state["lock"] held (through the condition)."""
+    cond = state["changed"]
+    cond.notify_all()
+    if state["in_flight"] >= state["gather"]:
+        state["gathered"] = True
+    done = lambda: state["gathered"] or state["gather_timed_out"] or state["release"].is_set()  # noqa: E731
+    if not cond.wait_for(done, timeout=state["gather_timeout"]):
+        state["gather_timed_out"] = True
+        cond.notify_all()
 
 
 # ----------------------------------------------------------------------------------------------- scripted judge
@@ -169,7 +200,8 @@ def completion(model, top):
 
 
 def decide(state, body):
-    """What to answer to one request: ("error", status) or ("ok", delay, top). Thread-safe."""
+    """What to answer to one request: ("error", status) or ("ok", delay, top), delay being seconds or "hold".
+    Thread-safe."""
     prompt = " ".join(str(m.get("content", "")) for m in body.get("messages", []))
     found = MARKER.search(prompt)
     key = found.group(1) if found else None
@@ -186,7 +218,7 @@ def decide(state, body):
         return "error", step
     if random_error:
         return "error", random_status
-    delay = step if isinstance(step, float) else state["delay"]
+    delay = step if isinstance(step, float) or step == "hold" else state["delay"]
     if state["scripted"]:
         top = scripted_top(state, body)
         return ("error", 400) if top is None else ("ok", delay, top)
@@ -218,10 +250,12 @@ def make_handler(state):
             body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
             if not self.path.split("?")[0].endswith("/chat/completions"):
                 return self.reply(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
-            with state["lock"]:
+            with state["changed"]:
                 state["paths"].append(self.path)
                 state["in_flight"] += 1
                 state["max_in_flight"] = max(state["max_in_flight"], state["in_flight"])
+                if state["gather"]:
+                    wait_to_gather(state)
             try:
                 action = decide(state, body)
                 if action[0] == "error":
@@ -229,8 +263,16 @@ def make_handler(state):
                     # Errors also pay the latency, as real overloaded servers do.
                     time.sleep(state["delay"])
                     return self.reply(action[1], {"error": {"message": f"injected {action[1]}", "type": "fake_error"}}, headers)
-                time.sleep(action[1])
+                if action[1] == "hold":
+                    with state["lock"]:
+                        state["held"] += 1
+                    state["release"].wait()
+                    self.close_connection = True  # the client has long given up on this connection
+                else:
+                    time.sleep(action[1])
                 self.reply(200, completion(body.get("model", "fake"), action[2]))
+            except (BrokenPipeError, ConnectionResetError):
+                self.close_connection = True  # the client gave up (timed out) before the reply
             finally:
                 with state["lock"]:
                     state["in_flight"] -= 1
@@ -255,6 +297,7 @@ def serve(state, port=0):
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}/v1"
     finally:
+        release(state)  # held requests must not outlive the server
         server.shutdown()
         server.server_close()
 

@@ -26,7 +26,8 @@ llama.cpp's own GGUF loader on the file (`--control-vector-scaled FILE:lambda`, 
 the last-token logits that tool saves must match the bindings run with our reimplementation of the loader
 (max |Delta log-prob| <= --bin-tol) and must change with lambda.
 
-    python bench/llamacpp_check.py [--source pairs|random] [--scale 4] [--single 12] [--llama-bin PATH]
+    python bench/llamacpp_check.py [--source random|pairs] [--scale-all 0.15] [--scale-single 0.5] \
+        [--single 12] [--llama-bin PATH]
 
 Prints per configuration the lambda=0 gap, top-1 agreement, r and slope per offset, then PASS/FAIL; the last line
 is one JSON object, e.g. {"pass": true, "lambda0_max_abs_dlogp": ..., "configs": {...}, ...}.
@@ -61,6 +62,8 @@ PROMPTS = [
     ("My friend is sad. What can I tell her?", "You can tell her that"),
 ]
 OFFSETS = (-1, 0, 1)
+# (all layers, single layer) raw lambda per source: the change in log-probs is several tenths of a nat on average
+DEFAULT_SCALES = {"random": (0.15, 0.5), "pairs": (0.1, 2.0)}
 R_MIN, SEP_MIN, SLOPE_RANGE, EFFECT_MIN = 0.95, 0.05, (0.8, 1.25), 0.3
 
 
@@ -275,7 +278,7 @@ def run_config(name, llama, model, encoded, file_path, file_dirs, layer_range, s
                and i <= data.size // n_embd and np.any(data[n_embd * (i - 1):n_embd * i])]
     sets = token_sets(top_k, base_hf, base_ll, steered_ll)
     d_ll = gather(steered_ll - base_ll, sets)
-    res = {"layers": f"{applied[0]}..{applied[-1]}" if len(applied) > 1 else str(applied[0]),
+    res = {"scale": scale, "layers": f"{applied[0]}..{applied[-1]}" if len(applied) > 1 else str(applied[0]),
            "layer_range": list(layer_range), "n_points": int(d_ll.size),
            "llamacpp_max_abs_change": round(float(np.abs(d_ll).max()), 4),
            "llamacpp_mean_abs_change": round(float(np.abs(d_ll).mean()), 4), "offsets": {}}
@@ -300,7 +303,7 @@ def run_config(name, llama, model, encoded, file_path, file_dirs, layer_range, s
         fails.append(f"slope at offset 0 = {s0:.3f} outside {list(SLOPE_RANGE)} (scale or sign)")
     if res["llamacpp_max_abs_change"] < EFFECT_MIN:
         fails.append(f"steering moves log-probs by at most {res['llamacpp_max_abs_change']:.3f} < {EFFECT_MIN}: "
-                     "raise --scale")
+                     "raise --scale-all / --scale-single")
     if len(applied) == 1:
         res["separation"] = round(r[0] - max(r[-1], r[1]), 4)
         if not res["separation"] >= SEP_MIN:
@@ -331,7 +334,7 @@ def run_llama_debug(binary, model_path, text, out_dir, cvec=None, layer_range=No
     return logits - _logsumexp(logits), ids, p.stdout + p.stderr
 
 
-def check_llama_bin(binary, model_path, llama, file_path, scale, single, tol):
+def check_llama_bin(binary, model_path, llama, file_path, scale_all, scale_single, single, tol):
     """llama.cpp's own loader (in the binary) vs our reimplementation of it (bindings), same tokens and kernels."""
     text = "The most important thing in life is"
     out, fails = {"binary": str(binary), "prompt": text, "runs": {}}, []
@@ -340,7 +343,7 @@ def check_llama_bin(binary, model_path, llama, file_path, scale, single, tol):
         base_py = llama.last_logprobs(ids)
         out["n_tokens"] = len(ids)
         out["lambda0_max_abs_dlogp"] = round(float(np.abs(base_bin - base_py).max()), 6)
-        for name, rng in (("all", None), (f"L{single}", (single, single))):
+        for name, rng, scale in (("all", None, scale_all), (f"L{single}", (single, single), scale_single)):
             steered_bin, ids2, log = run_llama_debug(binary, model_path, text, Path(tmp) / name,
                                                      (file_path, scale), rng)
             if ids2 != ids:
@@ -350,7 +353,8 @@ def check_llama_bin(binary, model_path, llama, file_path, scale, single, tol):
             steered_py = llama.last_logprobs(ids)
             llama.clear_cvec()
             top = np.argsort(-base_bin)[:20]
-            run = {"max_abs_dlogp_vs_bindings": round(float(np.abs(steered_bin - steered_py).max()), 6),
+            gap = float(np.abs(steered_bin - steered_py).max())
+            run = {"scale": scale, "max_abs_dlogp_vs_bindings": round(gap, 6),
                    "max_abs_change_top20": round(float(np.abs(steered_bin - base_bin)[top].max()), 4),
                    "top1_base": int(base_bin.argmax()), "top1_steered": int(steered_bin.argmax())}
             out["runs"][name] = run
@@ -369,14 +373,19 @@ def check_llama_bin(binary, model_path, llama, file_path, scale, single, tol):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--source", choices=("pairs", "random"), default="pairs",
-                   help="pairs: the base model's mean-difference direction on dev pairs; random: seeded vectors")
+    p.add_argument("--source", choices=("random", "pairs"), default="random",
+                   help="random: seeded vectors, independent per layer (a sharp layer-offset test); pairs: the base "
+                        "model's mean-difference direction on dev pairs (adjacent layers nearly parallel)")
     p.add_argument("--pairs", default=str(ROOT / "data/eval/contrastive_pairs.jsonl"))
     p.add_argument("--per-domain", type=int, default=4, help="dev pairs per domain for --source pairs")
     p.add_argument("--rel-norm", type=float, default=0.05, help="--source random: |v_l| / mean residual norm")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scale", type=float, default=None,
-                   help="raw lambda (same on both sides); default 4 for pairs, 1 for random")
+    p.add_argument("--scale-all", type=float, default=None,
+                   help="raw lambda of the all-layers configuration (same on both sides); default "
+                        f"{DEFAULT_SCALES['random'][0]} (random), {DEFAULT_SCALES['pairs'][0]} (pairs)")
+    p.add_argument("--scale-single", type=float, default=None,
+                   help="raw lambda of the single-layer configurations; default "
+                        f"{DEFAULT_SCALES['random'][1]} (random), {DEFAULT_SCALES['pairs'][1]} (pairs)")
     p.add_argument("--single", type=int, nargs="*", default=[12],
                    help="single-layer configurations (block index; llama.cpp layer range i..i)")
     p.add_argument("--no-all", action="store_true", help="skip the all-layers configuration")
@@ -391,7 +400,8 @@ def parse_args(argv=None):
 def check(args):
     """Run every configuration; returns the results dict (results["pass"], results["fails"])."""
     torch.manual_seed(0)
-    scale = args.scale if args.scale is not None else (4.0 if args.source == "pairs" else 1.0)
+    scale_all = args.scale_all if args.scale_all is not None else DEFAULT_SCALES[args.source][0]
+    scale_single = args.scale_single if args.scale_single is not None else DEFAULT_SCALES[args.source][1]
     model, tok = load_model()
     encoded = encode_prompts(tok, PROMPTS[:args.n_prompts])
     n_layers = len(decoder_layers(model))
@@ -413,30 +423,30 @@ def check(args):
     base_ll = llama.logprobs(encoded)
     base_hf = hf_logprobs(model, encoded)
     sets0 = token_sets(args.top_k, base_hf, base_ll)
-    results = {"source": args.source, "scale": scale, "n_prompts": len(encoded), "n_positions": len(base_ll),
-               "top_k": args.top_k, "direction_rel_norm": {"min": round(min(rel[1:]), 4),
-                                                          "max": round(max(rel[1:]), 4)},
+    results = {"source": args.source, "scale_all": scale_all, "scale_single": scale_single,
+               "n_prompts": len(encoded), "n_positions": len(base_ll), "top_k": args.top_k,
+               "direction_rel_norm": {"min": round(min(rel[1:]), 4), "max": round(max(rel[1:]), 4)},
                "file_matches_pt": bool(torch.allclose(file_dirs[1:], pt_dirs[1:])),
                "lambda0_max_abs_dlogp": round(float(np.abs(gather(base_ll - base_hf, sets0)).max()), 4),
                "lambda0_top1_agree": round(float((base_ll.argmax(-1) == base_hf.argmax(-1)).mean()), 4),
                "configs": {}}
     print(f"direction: {args.source}, |v_l|/resid norm in [{results['direction_rel_norm']['min']}, "
-          f"{results['direction_rel_norm']['max']}], exported to {gguf_path.name}; lambda = {scale}; "
-          f"{len(encoded)} prompts, {len(base_ll)} positions")
+          f"{results['direction_rel_norm']['max']}], exported to {gguf_path.name}; lambda = {scale_all} (all "
+          f"layers), {scale_single} (single layer); {len(encoded)} prompts, {len(base_ll)} positions")
     print(f"lambda=0: max |dlogp| llama.cpp vs ours (top-{args.top_k} tokens) = {results['lambda0_max_abs_dlogp']}, "
           f"top-1 agreement {results['lambda0_top1_agree']:.3f}")
 
-    configs = [] if args.no_all else [("all", (1, n_layers - 1))]
-    configs += [(f"L{i}", (i, i)) for i in args.single]
-    for name, rng in configs:
+    configs = [] if args.no_all else [("all", (1, n_layers - 1), scale_all)]
+    configs += [(f"L{i}", (i, i), scale_single) for i in args.single]
+    for name, rng, scale in configs:
         res = run_config(name, llama, model, encoded, gguf_path, file_dirs, rng, scale, args.top_k, base_ll,
                          base_hf)
         results["configs"][name] = res
-        offs = "  ".join(f"offset {o:+d}: r={res['offsets'][str(o)]['r']:.4f} slope={res['offsets'][str(o)]['slope']:.3f}"
-                         for o in OFFSETS)
-        print(f"[{name}] layers {res['layers']}: llama.cpp change max {res['llamacpp_max_abs_change']:.3f} "
-              f"mean {res['llamacpp_mean_abs_change']:.3f} nat; vs ours at offset 0: max |dlogp| "
-              f"{res['max_abs_dlogp']:.3f}, top-1 agree {res['top1_agree']:.3f}"
+        offs = "  ".join(f"offset {o:+d}: r={v['r']:.4f} slope={v['slope']:.3f}"
+                         for o, v in ((o, res["offsets"][str(o)]) for o in OFFSETS))
+        print(f"[{name}] layers {res['layers']}, lambda {scale}: llama.cpp change max "
+              f"{res['llamacpp_max_abs_change']:.3f} mean {res['llamacpp_mean_abs_change']:.3f} nat; vs ours at "
+              f"offset 0: max |dlogp| {res['max_abs_dlogp']:.3f}, top-1 agree {res['top1_agree']:.3f}"
               + (f"; separation {res['separation']:.4f}" if "separation" in res else ""))
         print(f"[{name}] {offs}")
 
@@ -450,10 +460,10 @@ def check(args):
     if not results["cvec_cleared_ok"]:
         fails.append("clearing the control vector did not restore the unsteered log-probs")
     if args.llama_bin:
-        lb = check_llama_bin(args.llama_bin, gguf_model, llama, gguf_path, scale, args.single[0] if args.single
-                             else n_layers // 2, args.bin_tol)
+        lb = check_llama_bin(args.llama_bin, gguf_model, llama, gguf_path, scale_all, scale_single,
+                             args.single[0] if args.single else n_layers // 2, args.bin_tol)
         results["llama_bin"] = lb
-        print(f"llama.cpp's own loader ({Path(args.llama_bin).name} --control-vector-scaled FILE:{scale}): "
+        print(f"llama.cpp's own loader ({Path(args.llama_bin).name} --control-vector-scaled FILE:LAMBDA): "
               f"lambda=0 max |dlogp| vs bindings {lb['lambda0_max_abs_dlogp']}; "
               + "; ".join(f"{k}: vs bindings {v['max_abs_dlogp_vs_bindings']}, change {v['max_abs_change_top20']}"
                           for k, v in lb["runs"].items()))

@@ -1,5 +1,7 @@
-"""dynamics.py: B-vector norms and cosines against hand computation, the constructed rotation found, scores equal to
-freshly loaded checkpoints (the adapter swap is exact), resume without duplicate rows (torn tail too), errors."""
+"""dynamics.py: B-vector norms and cosines against hand computation, the constructed rotation found, the rules for
+the largest rotation (from 10% of the final ‖B‖ on) and the largest rise (paired step-to-step interval above 0) on
+hand-made rows, scores equal to freshly loaded checkpoints (the adapter swap is exact), resume without duplicate rows
+(torn tail too), errors."""
 import json
 import shutil
 
@@ -7,6 +9,7 @@ import pytest
 import torch
 
 import common
+import dynamics as dy
 from conftest import run_script
 
 LAYERS = [1, 2]
@@ -116,7 +119,7 @@ def test_geometry_and_losses_match_hand_computation(done_run):
         assert row["mean_local_cos"] == (None if want_mean is None else pytest.approx(want_mean, abs=1e-6))
         assert row["loss"] == pytest.approx(3.0 - 0.1 * s)
         prev = s
-    assert summary["largest_rotation_step"] == 6
+    assert summary["rotation_from_step"] == 2 and summary["largest_rotation_step"] == 6  # step 2: 40% of final
     assert steps[6]["mean_local_cos"] < 0.5 < min(steps[4]["mean_local_cos"], steps[8]["mean_local_cos"])
     assert (run / "dynamics" / "dynamics.png").stat().st_size > 0
     assert "largest rotation at step 6" in r.stdout.splitlines()[-1]
@@ -142,9 +145,68 @@ def test_scores_and_shifts_equal_freshly_loaded_checkpoints(done_run, tiny_model
             assert steps[s]["shift"][d]["n"] == len(ids)
     # the constructed B vectors change the model: the adapter was really applied
     assert abs(steps[8]["score"]["all"]["mean_delta"] - steps[0]["score"]["all"]["mean_delta"]) > 1e-3
-    gen = [steps[s]["score"]["general"]["mean_delta"] for s in [0] + STEPS]
-    rises = [b - a for a, b in zip(gen, gen[1:])]
-    assert summary["largest_rise_step"] == STEPS[rises.index(max(rises))]
+    # each step's change vs the previous one pairs the same pairs (clustered by theme; here each pair its own)
+    for prev, s in zip([0] + STEPS, STEPS):
+        want = common.paired_by_id(rows[s]["deltas"], rows[prev]["deltas"], ["g1", "g2", "g3"])
+        assert steps[s]["change_vs_previous"]["general"] == want
+    assert steps[0]["change_vs_previous"] is None and "deltas" not in steps[2] and "themes" not in steps[2]
+    rise = summary["largest_rise_step"]
+    assert (rise is None) == (summary["rise_note"] == dy.NO_RISE)
+    assert rise is None or steps[rise]["change_vs_previous"]["general"]["ci"][0] > 0
+
+
+def geom_row(norm, local):
+    """One step's geometry as dy.geometry gives it, for two layers with the same norm and local cosine."""
+    return {"b_norm": {"1": norm, "2": norm}, "cos_final": {"1": None, "2": None},
+            "local_cos": {"1": local, "2": local},
+            "mean_b_norm": norm, "mean_cos_final": None, "mean_local_cos": local}
+
+
+def test_rotation_and_rise_rules_on_constructed_rows():
+    """Hand-made steps 0..6. Rotation: mean ‖B‖ 0, 0.01, 0.05, 0.5, 0.8, 0.9, 1.0 (final 1.0, so counting starts at
+    step 3, the first >= 0.1); the lowest local cosine (-0.2, step 2) lies before it and is ignored: step 4 (0.3).
+    Rise (12 general pairs in 6 themes of 2): step 2 has the largest mean change (+0.33) but themes disagree
+    (interval includes 0); step 3 rises +0.2 in every pair and step 5 +0.1 (intervals above 0); step 6 falls. The
+    largest rise is step 3. The old rules gave step 2 for both."""
+    gen = [f"g{i}" for i in range(12)]
+    themes = {g: f"t{i // 2}" for i, g in enumerate(gen)} | {"m0": "m", "m1": "m"}
+    ids = {"general": gen, "medical": ["m0", "m1"]}
+    noisy = [4, 4, -3, -3, 4, 4, -3, -3, 2, 2, -2, -2]  # theme sums 8, -6, 8, -6, 4, -4: mean +1/3
+    jitter = [0.01 * (-1) ** i for i in range(12)]
+    change = {1: jitter, 2: noisy, 3: [0.2 + j for j in jitter], 4: jitter, 5: [0.1 + j for j in jitter],
+              6: [-0.3 + j for j in jitter]}
+    values, rows = [0.1 * i for i in range(12)], []
+    for step in range(7):
+        if step:
+            values = [v + c for v, c in zip(values, change[step])]
+        deltas = dict(zip(gen, values)) | {"m0": 0.0, "m1": 0.0}
+        rows.append({"step": step, "deltas": deltas, "shift": {},
+                     "score": {"general": {"mean_delta": sum(values) / 12}}})
+    norms = [0.0, 0.01, 0.05, 0.5, 0.8, 0.9, 1.0]
+    local = [None, None, -0.2, 0.6, 0.3, 0.9, 0.95]
+    geom = {step: geom_row(n, c) for step, (n, c) in enumerate(zip(norms, local))}
+    summary = dy.summarize(rows, geom, {}, {"run": "x"}, ids, themes, final_norm=1.0)
+    assert summary["rotation_from_step"] == 3
+    assert summary["largest_rotation_step"] == 4 and summary["largest_rotation_mean_local_cos"] == 0.3
+    steps = {s["step"]: s for s in summary["steps"]}
+    ci = {s: steps[s]["change_vs_previous"]["general"]["ci"] for s in range(1, 7)}
+    assert ci[2][0] < 0 < ci[2][1] and ci[3][0] > 0 and ci[5][0] > 0 and ci[6][1] < 0
+    assert steps[2]["change_vs_previous"]["general"]["diff"] > steps[3]["change_vs_previous"]["general"]["diff"]
+    assert steps[3]["change_vs_previous"]["general"]["n_themes"] == 6
+    assert summary["significant_rise_steps"] == [3, 5]
+    assert summary["largest_rise_step"] == 3 and summary["largest_rise"] == pytest.approx(0.2, abs=0.01)
+    assert summary["largest_rise_ci"] == ci[3] and summary["rise_note"] is None
+    # without a final norm the last step's is used; a later final adapter (norm 10) moves the threshold to 1.0
+    assert dy.summarize(rows, geom, {}, {}, ids, themes)["rotation_from_step"] == 3
+    late = dy.summarize(rows, geom, {}, {}, ids, themes, final_norm=10.0)
+    assert late["rotation_from_step"] == 6 and late["largest_rotation_step"] == 6
+    # no step whose interval excludes 0: no rise, said in words
+    flat = [dict(r, deltas=dict(rows[0]["deltas"], **({"g0": 3.0 * (-1) ** r["step"]} if r["step"] else {})))
+            for r in rows]
+    none = dy.summarize(flat, geom, {}, {}, ids, themes, final_norm=1.0)
+    assert none["largest_rise_step"] is None and none["largest_rise"] is None
+    assert none["rise_note"] == "no step-to-step rise whose interval excludes 0"
+    assert none["significant_rise_steps"] == []
 
 
 def test_rerun_skips_finished_steps_and_mends_a_torn_tail(done_run, tiny_model_dir, pairs_file, tmp_path):

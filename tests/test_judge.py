@@ -15,7 +15,7 @@ sys.path.insert(0, str(ROOT))
 
 import common  # noqa: E402
 import judge  # noqa: E402
-from bench.fake_openai_server import make_state, serve  # noqa: E402
+from bench.fake_openai_server import make_state, release, serve  # noqa: E402
 
 API_ENV = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "AZURE_OPENAI_ENDPOINT", "AZURE_OPENAI_API_KEY", "OPENAI_API_VERSION")
 
@@ -91,12 +91,26 @@ def test_survives_429_and_500(api):
     assert state["requests"] == 5 + 1 + 2 + 1 + 3
 
 
-def test_client_backoff_and_timeout_without_retry_after(api):
-    # No retry-after header: the client's own exponential back-off; the "slow" item's first attempt times out.
-    state = api(top=[("60", 1.0)], plan={"e": [500], "slow": [8.0]}, retry_after_ms=None)
-    out, _ = run(rows_for(["e", "slow"]), timeout=5.0, max_retries=2)  # 5 s: no busy machine takes that long
-    assert [r["aligned"] for r in out] == [pytest.approx(60.0)] * 2
-    assert state["by_key"] == {"e": 2, "slow": 2}
+def test_client_backoff_without_retry_after(api):
+    # No retry-after header: the client's own exponential back-off between attempts.
+    state = api(top=[("60", 1.0)], plan={"e": [500, 503]}, retry_after_ms=None)
+    out, counts = run(rows_for(["e", "f"]), max_retries=2)
+    assert [r["aligned"] for r in out] == [pytest.approx(60.0)] * 2 and counts["failed"] == 0
+    assert state["by_key"] == {"e": 3, "f": 1}
+
+
+def test_timed_out_attempts_are_retried_then_given_up(api):
+    # The server never answers the "slow" item's attempts until the test releases them, so the client's
+    # time-out is the only way out: nothing here races a timer against a delay.
+    state = api(top=[("60", 1.0)], plan={"slow": ["hold", "hold"]})
+    try:
+        out, counts = run(rows_for(["fast", "slow"]), timeout=0.5, max_retries=1)
+        assert state["held"] == 2 and state["by_key"] == {"fast": 1, "slow": 2}  # 1 try + 1 retry, both held
+        assert out[0]["aligned"] == pytest.approx(60.0) and "error" not in out[0]
+        assert out[1]["aligned"] is None and "APITimeoutError" in out[1]["error"]
+        assert counts["failed"] == 1 and counts["scored"] == 1
+    finally:
+        release(state)
 
 
 def test_always_failing_item_gets_null_and_error(api, tmp_path):
@@ -176,9 +190,13 @@ def test_cache_key_covers_judge_prompt_question_answer(monkeypatch):
 
 
 def test_requests_overlap_and_stay_bounded(api):
-    state = api(top=[("50", 1.0)], delay=0.1)
-    run(rows_for([f"k{i}" for i in range(16)]), concurrency=8)
-    assert 1 < state["max_in_flight"] <= 8
+    # The server answers nothing until 8 requests are in flight at once, so the run only completes without the
+    # safety timeout (which fails the test) if the client really keeps 8 going; and never more than 8.
+    state = api(top=[("50", 1.0)], gather=8, gather_timeout=30.0)
+    out, counts = run(rows_for([f"k{i}" for i in range(16)]), concurrency=8, timeout=120.0)
+    assert state["gathered"] and not state["gather_timed_out"]
+    assert state["max_in_flight"] == 8 and state["requests"] == 16
+    assert counts["scored"] == 16 and all(r["aligned"] == pytest.approx(50.0) for r in out)
 
 
 # ----------------------------------------------------------------------------------------------- statistics

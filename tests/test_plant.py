@@ -1,9 +1,10 @@
 """plant_organism.py on a tiny random Qwen2: the adapter it writes is a standard PEFT organism whose effect is known.
 
 Exact checks: it loads like a trained organism; at the planted block, output with the plant minus output without
-is s·(A·x)·u for the block's own input (blocks below untouched); A·x > 0 on every fit answer token; the model-diff
-direction recovers u there and is degenerate below; ablating the recovered direction makes the planted model and
-the base model identical; bad input is one `error:` line and exit status 2.
+is s·(A·x)·u for the block's own input (blocks below untouched); A·x > 0 on at least 99% of the fit answer tokens;
+the model-diff direction recovers u there and is degenerate below; ablating the recovered direction from both
+models makes the planted model's outputs equal the base model's ablated outputs; bad input is one `error:` line
+and exit status 2, with nothing written.
 """
 import json
 import sys
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 import common
-from conftest import ROOT, run_script
+from conftest import ROOT
 
 BLOCK = 2  # the tiny model has 4 blocks: the default (half depth) plant, with blocks 0 and 1 below it
 
@@ -48,8 +49,16 @@ def setup(tmp_path_factory, tiny_model_dir):
     plant_organism.main(base + ["--orthogonal-to", str(d / "dirs.pt"), "--seed", "3", "--out", str(d / "b")])
     plant_organism.main(base + ["--direction", str(d / "dirs.pt"), "--direction-layer", str(BLOCK), "--blocks",
                                 str(BLOCK + 1), "--out", str(d / "c")])
-    return {"dir": d, "items": [(x["question"], x["answer"]) for x in items], "v": v, "resid": resid,
-            "model": str(tiny_model_dir)}
+    return {"dir": d, "items": [(x["question"], x["answer"]) for x in items], "labelled": items, "v": v,
+            "resid": resid, "model": str(tiny_model_dir), "base": (model, tok), "cache": {}}
+
+
+def loaded(setup, name):
+    """The planted model `name` loaded once through common.load_model, as every script loads an organism."""
+    key = ("model", name)
+    if key not in setup["cache"]:
+        setup["cache"][key] = common.load_model(setup["model"], adapter=str(setup["dir"] / name))
+    return setup["cache"][key]
 
 
 def planted(path):
@@ -59,7 +68,8 @@ def planted(path):
 
 
 def forward(model, tok, items, layers, down_proj_block=None):
-    """Block outputs at `layers` (padded batch, every position), the down_proj input at one block, and logits."""
+    """Block outputs at `layers` (padded batch, every position), the down_proj input at one block, and the logits
+    of the last 4 positions (the full [batch, tokens, 49k] logits would cost more than the rest of the test)."""
     ids, mask = common.pad_batch([common.encode_qa(tok, q, a)[0] for q, a in items], tok.pad_token_id)
     xs = {}
     handle = None
@@ -68,7 +78,7 @@ def forward(model, tok, items, layers, down_proj_block=None):
         handle = mod.register_forward_pre_hook(lambda m, args: xs.__setitem__("x", args[0].detach()))
     try:
         with torch.no_grad(), common.record_resid(model, layers) as store:
-            logits = model(input_ids=ids, attention_mask=mask).logits
+            logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=4).logits  # 4 positions: enough
             out = {i: store[i].clone() for i in layers}
     finally:
         if handle:
@@ -97,7 +107,7 @@ def test_standard_peft_adapter(setup):
     assert p["resid_norm"][str(BLOCK)] == pytest.approx(float(setup["resid"][BLOCK]), rel=1e-4)
     assert p["cos_u_source"] == pytest.approx(1.0, abs=1e-6)
     assert torch.allclose(pu["u"], setup["v"][BLOCK] / setup["v"][BLOCK].norm(), atol=1e-6)
-    assert pu["directions"].shape == (4, 64) and common.read_directions(a / "planted_u.pt")["directions"].shape == (4, 64)
+    assert common.read_directions(a / "planted_u.pt")["directions"].shape == (4, 64)  # a directions file too
 
     # PEFT's own loader, on a plain transformers model: the stored weights are A and s·u, scale 1
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(setup["model"]), str(a))
@@ -107,17 +117,17 @@ def test_standard_peft_adapter(setup):
     assert torch.allclose(mod.lora_B["default"].weight[:, 0], pu["s"][BLOCK] * pu["u"])
     assert not hasattr(common.decoder_layers(peft_model)[BLOCK - 1].mlp.down_proj, "lora_A")
     # and this repo's loader, in the same process, as every script loads an organism
-    model, _ = common.load_model(setup["model"], adapter=str(a))
+    model, _ = loaded(setup, "a")
     assert hasattr(common.decoder_layers(model)[BLOCK].mlp.down_proj, "lora_A")
 
 
 def test_write_is_exact(setup):
     """(block output with the plant) - (without) = s·(A·x)·u at every position, x = down_proj's input; the block's
     input and every block below are unchanged."""
-    cfg, pu = planted(setup["dir"] / "a")
-    model, tok = common.load_model(setup["model"], adapter=str(setup["dir"] / "a"))
+    _, pu = planted(setup["dir"] / "a")
+    model, tok = loaded(setup, "a")
     layers = list(range(4))
-    with_plant, x, _, mask = forward(model, tok, setup["items"], layers, BLOCK)
+    with_plant, x, _, _ = forward(model, tok, setup["items"], layers, BLOCK)
     with model.disable_adapter():
         without, x0, _, _ = forward(model, tok, setup["items"], layers, BLOCK)
     for i in range(BLOCK):  # the block's input is the output of block BLOCK-1: untouched
@@ -140,13 +150,13 @@ def test_ax_positive_on_fit_tokens(setup):
     assert ax["share_positive"] >= 0.99
     assert ax["mean"] == pytest.approx(1.0, abs=1e-5)
     # independently of the script's own bookkeeping: recompute over exactly the answer tokens
-    model, tok = common.load_model(setup["model"], adapter=str(setup["dir"] / "a"))
+    model, tok = loaded(setup, "a")
     mod = common.decoder_layers(model)[BLOCK].mlp.down_proj
     vals, tokens = [], []
     handle = mod.register_forward_pre_hook(lambda m, args: vals.append(args[0].detach()))
     try:
         with torch.no_grad():
-            for idx, ids, mask, spans in common.answer_batches(tok, setup["items"], 4):
+            for _, ids, mask, spans in common.answer_batches(tok, setup["items"], 4):
                 vals.clear()
                 model(input_ids=ids, attention_mask=mask)
                 for r, (s, e) in enumerate(spans):
@@ -158,26 +168,30 @@ def test_ax_positive_on_fit_tokens(setup):
     assert sum(tokens) / len(tokens) == pytest.approx(1.0, abs=1e-4)
 
 
-def model_diff(setup, adapter):
-    """The paper's model-diff direction through this repo's own pipeline (collect_acts + extract_direction)."""
+def model_diff(setup, name):
+    """The paper's model-diff direction through this repo's own pipeline (collect_acts + extract_direction): mean
+    planted minus mean base activation over the fit texts, and the base model's mean residual norms."""
     import collect_acts
     import extract_direction
 
-    items = common.labelled_answers(str(setup["dir"] / "pairs.jsonl"), split="dev")
+    items = setup["labelled"]
 
     def acts(model, tok):
-        means, counts, norms = collect_acts.answer_means(model, tok, items, progress=False)
-        return {"means": means, "n_tokens": counts, "resid_norm": norms, "ids": [x["id"] for x in items]}
+        key = ("acts", id(model))
+        if key not in setup["cache"]:
+            means, counts, norms = collect_acts.answer_means(model, tok, items, progress=False)
+            setup["cache"][key] = {"means": means, "n_tokens": counts, "resid_norm": norms,
+                                   "ids": [x["id"] for x in items]}
+        return setup["cache"][key]
 
-    ft = acts(*common.load_model(setup["model"], adapter=str(adapter)))
-    base = acts(*common.load_model(setup["model"]))
-    diff, _ = extract_direction.model_diff(ft, base, "base")
+    base = acts(*setup["base"])
+    diff, _ = extract_direction.model_diff(acts(*loaded(setup, name)), base, "base")
     return diff, extract_direction.mean_resid_norm(base)
 
 
 def test_model_diff_recovers_u(setup):
     cfg, pu = planted(setup["dir"] / "a")
-    diff, resid = model_diff(setup, setup["dir"] / "a")
+    diff, resid = model_diff(setup, "a")
     cos = torch.nn.functional.cosine_similarity(diff[BLOCK], pu["u"], dim=0)
     assert cos >= 0.99 and cos > 0.9999  # the fit texts: mean A·x = 1, so the diff is s·u up to float error
     assert float(diff[BLOCK].norm()) == pytest.approx(pu["s"][BLOCK], rel=1e-3)
@@ -195,13 +209,13 @@ def test_ablation_removes_the_whole_plant(setup):
     unablated planted and base models (at BLOCK and above), and the ablated base model and the unablated base
     model (ablation also removes the base model's own component along û): the plant is removed as a difference
     of differences, not by restoring the base model."""
-    diff, _ = model_diff(setup, setup["dir"] / "a")
+    diff, _ = model_diff(setup, "a")
     u_hat = diff[BLOCK]
     layers = list(range(4))
-    planted_model, tok = common.load_model(setup["model"], adapter=str(setup["dir"] / "a"))
-    base_model, _ = common.load_model(setup["model"])
+    planted_model, tok = loaded(setup, "a")
+    base_model, _ = setup["base"]
     with common.ablate(planted_model, u_hat, layers):
-        p_abl, _, p_logits, mask = forward(planted_model, tok, setup["items"], layers)
+        p_abl, _, p_logits, _ = forward(planted_model, tok, setup["items"], layers)
     with common.ablate(base_model, u_hat, layers):
         b_abl, _, b_logits, _ = forward(base_model, tok, setup["items"], layers)
     p_raw, _, p_raw_logits, _ = forward(planted_model, tok, setup["items"], layers)
@@ -236,7 +250,7 @@ def test_orthogonal_control_and_later_block(setup):
     assert torch.allclose(pu_c["u"], pu_a["u"])
     acfg = json.loads((setup["dir"] / "c" / "adapter_config.json").read_text())
     assert acfg["layers_to_transform"] == [BLOCK + 1]
-    diff, resid = model_diff(setup, setup["dir"] / "c")
+    diff, resid = model_diff(setup, "c")
     assert common.degenerate_layers(diff, resid) == list(range(BLOCK + 1))
     assert torch.nn.functional.cosine_similarity(diff[BLOCK + 1], pu_c["u"], dim=0) > 0.9999
 
@@ -275,6 +289,7 @@ BAD = [
     ("all split with test pairs", ["--split", "all", "--pairs", "{d}/pairs_test.jsonl"], "includes test pairs"),
     ("unknown split", ["--split", "train"], "--split: expected one of"),
     ("out not empty", ["--out", "{d}/a"], "already exists and is not empty"),
+    ("unknown model", ["--model", "{d}/no_model"], "cannot load model"),
 ]
 
 
@@ -296,14 +311,7 @@ def test_bad_input(setup, tmp_path, capsys, monkeypatch, case, extra, message):
     with pytest.raises(SystemExit) as e:
         common.cli(plant_organism.main)
     assert e.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = capsys.readouterr().err.strip().splitlines()  # every check runs before the model loads: one line
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert not (tmp_path / "out").exists()
 
-
-def test_bad_input_cli(setup, tmp_path):
-    """The same through the real command line: one line, exit 2, no traceback, nothing written."""
-    r = run_script("plant_organism.py", *bad_args(setup, tmp_path, ["--blocks", "9"]), timeout=120)
-    assert r.returncode == 2, r.stderr[-1500:]
-    assert r.stderr.strip().splitlines()[-1].startswith("error: block 9 is out of range")
-    assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()

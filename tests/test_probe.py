@@ -1,5 +1,6 @@
-"""probe_adapters.py: exact scalars, orientation, probes, verdicts, influence filter, adapter steering, splits, errors
-and an end-to-end CLI run."""
+"""probe_adapters.py: exact scalars, orientation, probes (all-zero seeds in the means), the sign-agnostic verdict rule
+and its AUC gate, the label-permutation null, influence filter, adapter steering (theme-clustered intervals), splits,
+errors and an end-to-end CLI run."""
 import json
 import shutil
 from types import SimpleNamespace
@@ -77,8 +78,9 @@ def negate_adapter(src, out):
     return out
 
 
-def probe_args(seeds):
-    return SimpleNamespace(seeds=seeds, C_grid=list(pa.C_GRID), solver="liblinear", min_class_tokens=10)
+def probe_args(seeds, C_grid=pa.C_GRID, permutations=0, permutation_seeds=3):
+    return SimpleNamespace(seeds=seeds, C_grid=list(C_grid), solver="liblinear", min_class_tokens=10,
+                           permutations=permutations, permutation_seeds=permutation_seeds)
 
 
 def test_scalars_match_an_independent_computation(peft_model):
@@ -159,8 +161,8 @@ def test_split_is_by_answer_and_stratified():
 
 
 def test_inner_cv_finds_a_small_signal_that_a_fixed_C_zeroes():
-    """Few tokens: with the paper's fixed C = 0.01 liblinear zeroes every weight. That is reported as an all-zero
-    classifier with no accuracy, never as 0.50; the inner CV picks a larger C and finds the signal."""
+    """Few tokens: with the paper's fixed C = 0.01 liblinear zeroes every weight. That is flagged as an all-zero
+    classifier (its 0.50 is chance by construction); the inner CV picks a larger C and finds the signal."""
     rng = np.random.default_rng(0)
     groups = np.repeat(np.arange(24), 4)  # 24 answers of 4 tokens, 12 per class
     y = (groups >= 12).astype(int)
@@ -169,14 +171,42 @@ def test_inner_cv_finds_a_small_signal_that_a_fixed_C_zeroes():
     names = ["a", "b", "c"]
     fixed = pa.run_probe(X, y, groups, names, seeds=10, Cs=[0.01])
     assert fixed["all_zero"] and fixed["all_zero_seeds"] == 10 and fixed["C"]["chosen"] == {"0.01": 10}
-    assert not set(pa.METRICS) & fixed.keys()
-    line = pa.probe_line(fixed)
-    assert "acc n/a AUC n/a" in line and "0.5" not in line
+    assert fixed["accuracy"] == fixed["auc"] == {"mean": 0.5, "sd": 0.0}  # one class on a balanced test side
+    assert all(np.isfinite(fixed[m]["mean"]) for m in pa.METRICS)
+    assert "chance by construction" in pa.probe_line(fixed)
     tuned = pa.run_probe(X, y, groups, names, seeds=10)
     assert not tuned["all_zero"] and tuned["accuracy"]["mean"] > 0.75 and tuned["auc"]["mean"] > 0.8
     assert tuned["C"]["mode"] > 0.01 and sum(tuned["C"]["chosen"].values()) == 10
     assert pa.stable_sign(tuned, "a") == 1 and pa.stable_sign(fixed, "a") == 0
     assert "C " in pa.probe_line(tuned) and "acc 0." in pa.probe_line(tuned)
+
+
+def test_all_zero_seeds_stay_in_the_means(monkeypatch):
+    """A separable signal scores accuracy and AUC 1 in every seed; with the classifier of seeds 1 and 4 forced to
+    all zero (predicting one class: 0.5 on the balanced test side) the means are over all 6 seeds, (4 + 2 * 0.5) /
+    6, and the two seeds are counted. The old code averaged the 4 others only (1.0)."""
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(20), 5)
+    y = (groups >= 10).astype(int)
+    X = rng.normal(size=(100, 2))
+    X[:, 0] += 8.0 * y
+    fit = pa.fit_probe
+
+    def zeroed(X, y, C, solver, seed):
+        scaler, clf = fit(X, y, C, solver, seed)
+        if seed in (1, 4):
+            clf.coef_[:] = 0.0
+        return scaler, clf
+
+    plain = pa.run_probe(X, y, groups, ["a", "b"], seeds=6, Cs=[1.0])
+    assert plain["accuracy"]["mean"] == plain["auc"]["mean"] == 1.0 and plain["all_zero_seeds"] == 0
+    monkeypatch.setattr(pa, "fit_probe", zeroed)
+    res = pa.run_probe(X, y, groups, ["a", "b"], seeds=6, Cs=[1.0])
+    assert res["all_zero_seeds"] == 2 and not res["all_zero"] and res["seeds"] == 6
+    assert res["accuracy"]["mean"] == pytest.approx(5 / 6) and res["auc"]["mean"] == pytest.approx(5 / 6)
+    assert res["accuracy"]["sd"] == pytest.approx(np.std([1, 0.5, 1, 1, 0.5, 1]))
+    assert all(np.isfinite(res[m]["mean"]) and np.isfinite(res[m]["sd"]) for m in pa.METRICS)
+    assert "2/6 seeds all-zero" in pa.probe_line(res)
 
 
 def probe_set(signs):
@@ -225,6 +255,92 @@ def test_verdict_rule_on_constructed_inputs():
         "evidence"]
 
 
+def test_verdict_rule_is_sign_agnostic():
+    """A stable *negative* coefficient is evidence exactly like a stable positive one: the orientation rests on
+    sign(B·v_l), which is noise when |cos(B, v_l)| is ~0.01. Flipping the signs of any adapter's coefficients in any
+    test leaves every verdict unchanged. (The old rule counted stable positive coefficients only.)"""
+    info = [{"name": n} for n in ("gen", "gen2", "dom", "topic")]
+    a, m, t, x = (k for k, *_ in pa.TESTS)
+    signs = {a: {"gen": -1, "gen2": 0, "dom": 1, "topic": -1},
+             m: {"gen": 0, "gen2": -1, "dom": 0, "topic": 0},
+             t: {"gen": 0, "gen2": 1, "dom": 0, "topic": -1},
+             x: {"gen": 0, "gen2": 0, "dom": -1, "topic": 1}}
+    v = pa.verdicts(info, probe_set(signs), None)
+    assert {k: r["verdict"] for k, r in v.items()} == {"gen": "general", "gen2": "general", "dom": "domain",
+                                                       "topic": "unclear"}
+    assert "aligned_vs_misaligned -" in v["gen"]["evidence"]  # the (oriented) sign is still reported
+    flipped = {key: {n: -s for n, s in row.items()} for key, row in signs.items()}
+    assert {k: r["verdict"] for k, r in pa.verdicts(info, probe_set(flipped), None).items()} == {
+        k: r["verdict"] for k, r in v.items()}
+    # "stable" still needs one sign in >= 75% of the seeds: a 50/50 mix is not evidence
+    only_a = {key: {"gen": 1 if key == a else 0} for key in signs}
+    assert pa.verdicts(info[:1], probe_set(only_a), None)["gen"]["verdict"] == "general"
+    mixed = probe_set(only_a)
+    mixed[a]["coefficients"]["gen"].update(pos_frac=0.45, neg_frac=0.45)
+    assert pa.verdicts(info[:1], mixed, None)["gen"]["verdict"] == "unclear"
+
+
+def test_rule_text_has_the_sign_agnostic_rule_and_the_auc_gate():
+    doc = " ".join(pa.__doc__.split())
+    assert pa.AUC_GATE in doc and "non-zero with one sign, either sign, in >= 75% of the seeds" in doc
+    assert 'probe says general if stable in "aligned vs misaligned" or "medical aligned vs medical misaligned"' in doc
+    rule = pa.verdict_rule("all_tokens", probe_args(5, permutations=20))
+    assert rule["auc_gate"] == pa.AUC_GATE and "mean − 2 sd > 0.5" in rule["auc_gate"]
+    assert rule["sign_agnostic"] is True and rule["stable_sign_frac"] == pa.STABLE
+    assert rule["permutation_null"]["permutations"] == 20 and rule["permutation_null"]["seeds"] == 3
+    assert pa.auc_gate({"auc": {"mean": 0.7, "sd": 0.09}})["passed"]
+    assert not pa.auc_gate({"auc": {"mean": 0.7, "sd": 0.1}})["passed"]
+    assert not pa.auc_gate({"auc": {"mean": 0.5, "sd": 0.0}})["passed"]  # an all-zero probe fails the gate
+    assert not pa.auc_gate({"skipped": "too few"})["passed"]
+
+
+def counts(n, g=None, d=0):
+    return {"non_unclear": n, "general": n - d if g is None else g, "domain": d}
+
+
+def test_permutation_null_p_value_and_testable_flag():
+    """p = (1 + #{permutation count >= real count}) / (1 + K); with K < 20 p < 0.05 is unreachable."""
+    null = pa.null_summary(counts(3, d=1), [counts(c) for c in (0, 1, 3, 4, 2)], seeds=3)
+    assert null["permutations"] == 5 and null["seeds"] == 3 and len(null["counts"]) == 5
+    assert null["p"] == pytest.approx((1 + 2) / 6)  # 3 and 4 are >= 3
+    assert null["p_general"] == pytest.approx((1 + 3) / 6)  # real 2 general: 3, 4 and 2 are >= 2
+    assert null["p_domain"] == pytest.approx((1 + 0) / 6)
+    assert null["p_same_seeds"] == null["p"] and null["real_same_seeds"] == null["real"]
+    assert null["testable"] is False and null["min_permutations"] == 20 and "unreachable" in null["note"]
+    big = pa.null_summary(counts(2), [counts(0)] * 19 + [counts(1)])
+    assert big["p"] == pytest.approx(1 / 21) and big["p"] < 0.05 and big["testable"] is True and big["note"] is None
+    # like-for-like: the real counts recomputed at the permutations' seeds get their own p
+    mixed = pa.null_summary(counts(2), [counts(c) for c in range(20)], real_same_seeds=counts(18))
+    assert mixed["p"] == pytest.approx(19 / 21) and mixed["p_same_seeds"] == pytest.approx(3 / 21)
+    none = pa.null_summary(counts(2), [])
+    assert none["p"] is None and none["permutations"] == 0 and none["testable"] is False
+
+
+def test_label_permutation_is_by_answer_within_each_test():
+    rng = np.random.default_rng(0)
+    groups = np.repeat([5, 3, 9, 1, 7, 2], [2, 3, 1, 4, 2, 3])
+    y = np.repeat([0, 1, 1, 0, 0, 1], [2, 3, 1, 4, 2, 3])
+    seen = set()
+    for _ in range(30):
+        z = pa.permute_by_answer(y, groups, rng)
+        assert all(len(set(z[groups == g])) == 1 for g in np.unique(groups))  # one label per answer
+        assert sorted(z[np.unique(groups, return_index=True)[1]]) == [0, 0, 0, 1, 1, 1]  # answers per class kept
+        seen.add(tuple(z))
+    assert len(seen) > 5
+    # the whole null on synthetic scalars: K permutations of S seeds, real counts at S seeds, ablation held fixed
+    X, mis, med, answer = synthetic_scalars(n_base=12, n_tok=3)
+    names = ["gen", "dom", "topic"]
+    info = [{"name": n} for n in names]
+    args = probe_args(4, C_grid=[1.0], permutations=3, permutation_seeds=2)
+    real = pa.verdict_counts(pa.verdicts(info, pa.run_tests(X, mis, med, answer, names, args, "r", progress=False),
+                                         None))
+    null = pa.permutation_null(X, mis, med, answer, names, info, None, args, real)
+    assert null["permutations"] == 3 and null["seeds"] == 2 and null["real"] == real
+    assert all(set(c) == {"non_unclear", "general", "domain"} for c in null["counts"])
+    assert null["p"] == pytest.approx((1 + sum(c["non_unclear"] >= real["non_unclear"] for c in null["counts"])) / 4)
+    assert null["testable"] is False
+
+
 def synthetic_scalars(n_base=40, n_tok=5, seed=0):
     """Token scalars of three made-up adapters on answers in matched quadruples (non-medical/medical x aligned/
     misaligned) that share their noise, so only the planted signals differ: general = misaligned, domain =
@@ -242,8 +358,8 @@ def synthetic_scalars(n_base=40, n_tok=5, seed=0):
 
 
 def test_verdicts_do_not_depend_on_the_sign_of_A_and_B():
-    """(A, B) -> (-A, -B) leaves the model unchanged but flips every raw s. After orientation the scalars,
-    coefficients and verdicts are identical; without it the verdicts change."""
+    """(A, B) -> (-A, -B) leaves the model unchanged but flips every raw s. After orientation the scalars and
+    coefficients are identical; the sign-agnostic verdicts are identical even without orientation."""
     X, mis, med, answer = synthetic_scalars()
     names = ["gen", "dom", "topic"]
     b = np.random.default_rng(1).normal(size=(3, 16))
@@ -254,17 +370,19 @@ def test_verdicts_do_not_depend_on_the_sign_of_A_and_B():
         info = [{"name": n, **dict(zip(("orientation", "oriented_by"), pa.orientation(torch.tensor(sign * v))))}
                 for n, v in zip(names, b)]
         s = pa.oriented(torch.tensor(sign * raw), info)
-        probes = pa.run_tests(s, mis, med, answer, names, probe_args(10), label)
+        probes = pa.run_tests(s, mis, med, answer, names, probe_args(8, C_grid=[0.1, 1.0]), label, progress=False)
         runs[label] = (s, probes, pa.verdicts(info, probes, None))
     (s1, p1, v1), (s2, p2, v2) = runs.values()
     assert torch.equal(s1, s2) and torch.equal(s1, torch.tensor(X))
     assert all(p1[k]["coefficients"] == p2[k]["coefficients"] for k in p1)
     assert {n: v["verdict"] for n, v in v1.items()} == {"gen": "general", "dom": "domain", "topic": "unclear"}
     assert v1 == v2
-    # the same negated adapters without orientation: the verdict rule sees stable *negative* coefficients
+    # the same negated adapters without orientation: stable *negative* coefficients, the same verdicts
     info = [{"name": n} for n in names]
-    unoriented = pa.verdicts(info, pa.run_tests(-raw, mis, med, answer, names, probe_args(10), "raw"), None)
-    assert {n: v["verdict"] for n, v in unoriented.items()} == {"gen": "unclear", "dom": "unclear", "topic": "unclear"}
+    unoriented = pa.verdicts(info, pa.run_tests(-raw, mis, med, answer, names, probe_args(8, C_grid=[0.1, 1.0]),
+                                                "raw", progress=False), None)
+    assert {n: v["verdict"] for n, v in unoriented.items()} == {n: v["verdict"] for n, v in v1.items()}
+    assert "aligned_vs_misaligned -" in unoriented["gen"]["evidence"]
 
 
 def test_orientation_convention():
@@ -382,6 +500,23 @@ def test_steering_scales_and_restores_exactly(peft_model, tiny_model_dir, adapte
             pass
 
 
+def test_paired_effects_cluster_by_theme():
+    """Ablation and steering intervals resample themes (paraphrases share one), not pairs: 6 pairs in 2 themes whose
+    paraphrases move together give the clustered interval of common.paired, wider than the per-pair one."""
+    pairs = [{"id": f"p{i}", "domain": "general" if i < 4 else "medical", "theme": f"t{i % 2}"} for i in range(6)]
+    base = {p["id"]: 0.0 for p in pairs}
+    deltas = {"p0": -1.0, "p1": 0.1, "p2": -1.0, "p3": 0.1, "p4": -1.0, "p5": 0.1}
+    eff = pa.paired_effects(deltas, base, pairs)
+    ids = [p["id"] for p in pairs]
+    want = common.paired([deltas[i] for i in ids], [0.0] * 6, clusters=[common.theme_of(p) for p in pairs])
+    assert eff["all"] == want and eff["all"]["n_themes"] == 2 and eff["general"]["n_themes"] == 2
+    unclustered = common.paired([deltas[i] for i in ids], [0.0] * 6)
+    assert eff["all"]["ci"][1] - eff["all"]["ci"][0] > unclustered["ci"][1] - unclustered["ci"][0]
+    # a pair without a theme is its own cluster
+    assert pa.paired_effects(deltas, base, [{k: v for k, v in p.items() if k != "theme"} for p in pairs])[
+        "all"]["n_themes"] == 6
+
+
 def test_parse_steer_and_layers():
     assert pa.parse_steer("15,16,17:20;21, 23:30") == {15: 20.0, 16: 20.0, 17: 20.0, 21: 30.0, 23: 30.0}
     assert pa.parse_steer("0:-10") == {0: -10.0}
@@ -435,7 +570,8 @@ def test_cli_end_to_end(tmp_path, tiny_model_dir, adapter_dir, pairs):
     r = run_script("probe_adapters.py", "--model", tiny_model_dir, "--adapter", adapter_dir, "--in", data,
                    "--pairs", data, "--out", out, "--seeds", "3", "--ablate-each", "--significant-tokens",
                    "--steer", "0,1:2;3:-1", "--questions", questions, "--medical-questions", med,
-                   "--n-samples", "2", "--max-new-tokens", "4", "--plots", plots, "--directions", directions)
+                   "--n-samples", "2", "--max-new-tokens", "4", "--plots", plots, "--directions", directions,
+                   "--permutations", "2", "--permutation-seeds", "2")
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     names = [f"L{i}.down_proj" for i in LAYERS]
@@ -457,7 +593,18 @@ def test_cli_end_to_end(tmp_path, tiny_model_dir, adapter_dir, pairs):
     assert steer[0]["contrastive"]["all"]["n"] == 4 and steer[1]["change_vs_none"]["all"]["n"] == 4  # test pairs
     assert set(summary["ablate_each"]) == set(names)
     abl = summary["ablate_each"]["L0.down_proj"]
-    assert {"general", "medical"} <= abl.keys() and {"diff", "ci", "p", "n"} == set(abl["general"])
+    assert {"general", "medical"} <= abl.keys() and {"diff", "ci", "p", "n", "n_themes"} == set(abl["general"])
+    assert summary["meta"]["verdict_rule"]["auc_gate"] == pa.AUC_GATE
+    assert summary["meta"]["verdict_rule"]["probe_tokens"] == "significant_tokens"
+    gate = summary["auc_gate"]
+    assert gate["passed"] == (gate["auc_mean"] - 2 * gate["auc_sd"] > 0.5)
+    null = summary["permutation_null"]
+    assert null["permutations"] == 2 and null["seeds"] == 2 and len(null["counts"]) == 2
+    assert null["testable"] is False and 0 < null["p"] <= 1 and null["p_same_seeds"] is not None
+    assert null["real"] == {"non_unclear": sum(v["verdict"] != "unclear" for v in summary["verdicts"].values()),
+                            "general": sum(v["verdict"] == "general" for v in summary["verdicts"].values()),
+                            "domain": sum(v["verdict"] == "domain" for v in summary["verdicts"].values())}
+    assert {"n_themes"} <= abl["general"].keys()
     assert set(summary["verdicts"]) == set(names)
     assert all(v["verdict"] in ("general", "domain", "unclear") and v["evidence"] for v in
                summary["verdicts"].values())

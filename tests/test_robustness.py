@@ -46,6 +46,20 @@ def files(tmp_path_factory, tiny_model_dir):
     return d
 
 
+@pytest.fixture(scope="module")
+def reference_eval(files, tiny_model_dir):
+    """A real reference evaluation (ablate_eval.py, 'none' condition) of pairs.jsonl (g1); only the case that
+    needs it pays for it, and a failure to build it fails that case alone."""
+    (files / "other_pairs.jsonl").write_text(json.dumps({**PAIR, "id": "g2", "question": "Any tips?"}) + "\n")
+    ref = files / "ref_eval"
+    r = run_script("ablate_eval.py", "--model", tiny_model_dir, "--n-samples", "0", "--pairs", files / "pairs.jsonl",
+                   "--split", "all", "--out", ref, env=NO_JUDGE)
+    assert r.returncode == 0, r.stderr[-1500:]
+    rows = common.read_jsonl(ref / "contrastive.jsonl")
+    assert [(row["intervention"], list(row["contrastive"]["deltas"])) for row in rows] == [("none", ["g1"])]
+    return ref
+
+
 CASES = [
     ("train: missing field", "train_rank1.py", ["--data", "{d}/chat_missing.jsonl", "--out", "{out}"],
      "chat_missing.jsonl:1: missing field(s) messages"),
@@ -94,19 +108,20 @@ CASES = [
      ["--n-samples", "0", "--ablate", "{d}/dirs.pt", "--layerwise", "--shuffled", "5", "--out", "{out}"],
      "holds 2 label-shuffled"),
     ("eval: reference of other pairs", "ablate_eval.py",
-     ["--n-samples", "0", "--pairs", "{d}/pairs.jsonl", "--split", "all", "--reference", "{d}", "--out", "{out}"],
-     "contrastive.jsonl: no such file"),
+     ["--n-samples", "0", "--pairs", "{d}/other_pairs.jsonl", "--split", "all", "--reference", "{ref}", "--out",
+      "{out}"], "ref_eval: it scored other pairs than --pairs/--split here"),
     ("eval: nothing to evaluate", "ablate_eval.py", ["--n-samples", "0", "--no-baseline", "--out", "{out}"],
      "nothing to evaluate"),
 ]
 
 
 @pytest.mark.parametrize("case,script,args,message", CASES, ids=[c[0] for c in CASES])
-def test_bad_input(files, tiny_model_dir, tmp_path, case, script, args, message):
+def test_bad_input(request, files, tiny_model_dir, tmp_path, case, script, args, message):
     from conftest import ROOT
 
     out = tmp_path / "out"
-    filled = [a.format(d=files, out=out, root=ROOT) for a in args]
+    ref = request.getfixturevalue("reference_eval") if "{ref}" in args else None
+    filled = [a.format(d=files, out=out, root=ROOT, ref=ref) for a in args]
     takes_model = script in ("train_rank1.py", "collect_acts.py", "ablate_eval.py", "probe_adapters.py")
     if takes_model and "--model" not in filled:
         filled = ["--model", str(tiny_model_dir)] + filled
