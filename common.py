@@ -243,9 +243,49 @@ def load_model(name=DEFAULT_MODEL, adapter=None, load_in_4bit=False, device_map=
         from peft import PeftModel
 
         check_adapter_fits(model, adapter)
-        model = PeftModel.from_pretrained(model, adapter)
+        placed = getattr(model, "hf_device_map", None)
+        if placed and set(placed.values()) & {"cpu", "disk"}:
+            # PEFT re-dispatches an offloaded model by itself and loses accelerate's offload map (it fails on the
+            # meta tensors); hide the map, then give the LoRA weights, created on meta beside offloaded layers,
+            # real memory on their layer's execution device and load them there.
+            del model.hf_device_map
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch: copying the adapter into meta parameters is a no-op
+                model = PeftModel.from_pretrained(model, adapter)
+            causal_lm(model).hf_device_map = placed
+            _load_offloaded_lora(model, adapter)
+        else:
+            model = PeftModel.from_pretrained(model, adapter)
     model.eval()
     return model, tok
+
+
+def _execution_device(module):
+    """accelerate's execution device for a hooked (possibly offloaded) module, else its first parameter's device."""
+    hook = getattr(module, "_hf_hook", None)
+    for h in getattr(hook, "hooks", [hook]):
+        if getattr(h, "execution_device", None) is not None:
+            return torch.device(h.execution_device)
+    return next(module.parameters()).device
+
+
+def _load_offloaded_lora(model, adapter):
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    for mod in model.modules():
+        if not (hasattr(mod, "lora_A") and hasattr(mod, "base_layer")):
+            continue
+        dev = _execution_device(mod.base_layer)
+        for sub in [*mod.lora_A.values(), *mod.lora_B.values()]:
+            for name, p in list(sub.named_parameters(recurse=False)):
+                if p.device.type == "meta":
+                    setattr(sub, name, torch.nn.Parameter(torch.zeros(p.shape, dtype=p.dtype, device=dev),
+                                                          requires_grad=False))
+    res = set_peft_model_state_dict(model, load_file(str(Path(adapter) / "adapter_model.safetensors")))
+    missing = [k for k in res.missing_keys if "lora_" in k]
+    if missing or res.unexpected_keys:
+        raise InputError(f"{adapter}: adapter does not fit the offloaded model ({(missing or res.unexpected_keys)[0]})")
 
 
 UNAVAILABLE = "unavailable"  # a hash that could not be computed (the file is not on this machine)

@@ -12,17 +12,19 @@ The LoRA (docs/method.md#adapter-probes): down_proj's output gains scale·B·(A�
 token, scale = lora_alpha/sqrt(r) (rsLoRA). Here r = 1 and lora_alpha = 1, so scale = 1, and the stored B is s·u:
 the write is exactly s·(A·x)·u (tests/test_plant.py checks it to float precision).
 
-Why this A. A = m/‖m‖², with m the token-weighted mean of down_proj's input over the answer tokens of the dev
-pairs, both answers of every pair: then the mean of A·x over those tokens is exactly 1, so the planted block adds
-s·u per answer token on average, and the model-diff direction (mean planted minus mean base activation over the
-same texts, paper §3.5) at the first planted block is exactly s·u. A·x is one label-free scalar: it is fit on
-aligned and misaligned answers alike, so in *activation* the plant shifts both answers of a pair by the same
-kind of vector, and any effect on the misalignment score comes from how the layers above read u, not from a
-scalar that knows the label. In gated MLPs down_proj's input has a large mean component, so A·x is positive on
-essentially every token (SmolLM2-135M, block 15, 16 dev pairs: all 2161 answer tokens, min 0.25, std 0.22; the
-random tiny test model: 687 of 688); the run reports the share, minimum and spread (run_config.json "planted"."ax").
-A least-squares A (A·x ≈ 1 on every token; std 0.05 on SmolLM2) would be steadier, but it fits the dev tokens with
-as many free numbers as down_proj is wide, and the mean needs no regularisation to choose.
+Why this A. A = m/‖m‖², with m the token-weighted mean of down_proj's input over the answer tokens of the dev pairs,
+both answers of every pair: then the mean of A·x over those tokens is exactly 1, so the planted block adds s·u per
+answer token on average, and the model-diff direction (mean planted minus mean base activation over the same texts,
+paper §3.5) at the first planted block is exactly s·u (on any other texts it is s·mean(A·x)·u: still exactly along
+u, since the blocks below are untouched). A·x is one label-free scalar: it is fit on aligned and misaligned answers
+alike, so in *activation* the plant shifts both answers of a pair by the same kind of vector, and any effect on the
+misalignment score comes from how the layers above read u, not from a scalar that knows the label (label-blind by
+construction, not label-independent in value: on SmolLM2, 16 dev pairs, the per-answer mean A·x is 1.005 on
+misaligned and 1.002 on aligned answers, AUC 0.52). In gated MLPs down_proj's input has a large mean component, so
+A·x is positive on essentially every token (SmolLM2-135M, block 15, 16 dev pairs: all 2161 answer tokens, min 0.25,
+std 0.22; the random tiny test model: 687 of 688); the run reports the share, minimum and spread (run_config.json
+"planted"."ax"). A least-squares A (A·x ≈ 1 on every token; std 0.05 on SmolLM2) would be steadier, but it fits the
+dev tokens with as many free numbers as down_proj is wide, and the mean needs no regularisation to choose.
 
 The strength. s = --strength × the block's mean residual norm, ‖h_b‖ averaged over the same answer tokens at the
 output of block b of the base model (the unit that steering scales use, docs/method.md#steering), so a strength
@@ -82,7 +84,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the --orthogonal-to random vector")
     p.add_argument("--pairs", default="data/eval/contrastive_pairs.jsonl", help="contrastive pairs JSONL")
     p.add_argument("--split", default="dev", help="the pairs A and the norms are fit on (dev; never test)")
-    p.add_argument("--pairs-per-domain", type=int, default=None, help="a fixed subset of N pairs per domain")
+    p.add_argument("--pairs-per-domain", type=int, default=None, help="a fixed subset of N pairs per domain (0: all)")
     p.add_argument("--batch-size", type=int, default=8)
     return p.parse_args(argv)
 
@@ -95,8 +97,8 @@ def check_args(args):
     if not (math.isfinite(args.strength) and args.strength > 0):
         raise InputError(f"--strength must be a positive number (units of the block's mean residual norm), "
                          f"got {args.strength}")
-    if args.batch_size < 1 or (args.pairs_per_domain is not None and args.pairs_per_domain < 1):
-        raise InputError("--batch-size and --pairs-per-domain must be at least 1")
+    if args.batch_size < 1 or (args.pairs_per_domain or 0) < 0:
+        raise InputError("--batch-size must be at least 1 and --pairs-per-domain at least 0 (0: every pair)")
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InputError(f"{out} already exists and is not empty; choose another --out")

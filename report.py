@@ -592,7 +592,8 @@ def probe_evidence(s):
             "n_general": sum(x["verdict"] == "general" for x in v.values()),
             "n_domain": sum(x["verdict"] == "domain" for x in v.values()),
             "n_unclear": sum(x["verdict"] == "unclear" for x in v.values()),
-            "n_permutations": len(perm.get("counts", [])), "perm_p": perm.get("p")}
+            # the exact permutation test: the real count recomputed with the permutations' own probe seeds
+            "n_permutations": len(perm.get("counts", [])), "perm_p": perm.get("p_same_seeds", perm.get("p"))}
 
 
 def probe_section(run, verdicts):

@@ -34,6 +34,7 @@ is one JSON object, e.g. {"pass": true, "lambda0_max_abs_dlogp": ..., "configs":
 Needs `pip install --no-deps -r requirements-interop.txt` (llama-cpp-python).
 """
 import argparse
+import ctypes
 import importlib.util
 import json
 import math
@@ -182,8 +183,9 @@ class LlamaCpp:
 
     def set_cvec(self, n_embd, data, il_start, il_end):
         """llama_set_adapter_cvec(data, len, n_embd, il_start, il_end), layers inclusive, as common_init does."""
-        self._buf = (self.lib.c_float * len(data))(*data.tolist())  # kept alive while the context uses it
-        rc = self.lib.llama_set_adapter_cvec(self.llm.ctx, self._buf, len(data), n_embd, il_start, il_end)
+        self._buf = np.ascontiguousarray(data, dtype=np.float32)  # kept alive while the context uses it
+        ptr = self._buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        rc = self.lib.llama_set_adapter_cvec(self.llm.ctx, ptr, self._buf.size, n_embd, il_start, il_end)
         if rc != 0:
             raise RuntimeError(f"llama_set_adapter_cvec failed ({rc})")
 

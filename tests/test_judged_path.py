@@ -4,8 +4,9 @@ activations of the judged sets and build the directions from them.
 The judge is bench/fake_openai_server.py in scripted mode, reached through the real `openai` client
 (OPENAI_BASE_URL=http://127.0.0.1:PORT/v1): it gives every (metric, answer) the integer
 scripted_score(metric, answer), so every judged figure can be recomputed here from responses.jsonl. The organism is
-the tiny random Qwen2 of conftest.py with a random rank-1 LoRA adapter; the scripts are run directly, with the
-flags run_all.sh uses on its judged path (ablate_eval.py --adapter --judge openai, collect_acts.py --adapter on
+the tiny random Qwen2 of conftest.py with a random rank-1 LoRA adapter. The scripts' main() run in this process
+(their imports are half a minute a script on 2 busy cores; their command lines are tested elsewhere) with the flags
+run_all.sh uses on its judged path (ablate_eval.py --adapter --judge openai, collect_acts.py --adapter on
 judged.jsonl, extract_direction.py), not through run_all.sh, so this file does not depend on a preset's layout:
 
 - eval/judged.jsonl: every response row, in order, with each judged metric equal to the scripted score, and every
@@ -34,12 +35,8 @@ import judge  # noqa: E402
 from bench.fake_openai_server import make_state, scripted_score, serve  # noqa: E402
 
 API_ENV = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "AZURE_OPENAI_ENDPOINT", "AZURE_OPENAI_API_KEY", "OPENAI_API_VERSION")
-QUESTIONS = ("data/eval/first_plot_questions.jsonl", "data/eval/medical_questions.jsonl")  # 16 questions
+QUESTIONS = ("data/eval/first_plot_questions.jsonl", "data/eval/medical_questions.jsonl")  # 8 + 8 questions
 N_SAMPLES = 2
-
-
-def tail(text, n=3000):
-    return text[-n:] if text else ""
 
 
 def model_shape(model_dir):
@@ -50,8 +47,10 @@ def model_shape(model_dir):
 @pytest.fixture(scope="module")
 def judged_run(tiny_model_dir, tmp_path_factory):
     """The judged path on the tiny model with a random rank-1 adapter (the organism), with run_all.sh's flags for
-    it; yields (organism dir, server state). Seconds: 16 questions x 2 answers of 8 tokens, 64 judge requests."""
-    from conftest import run_script
+    it; returns (organism dir, server state). Seconds: 16 questions x 2 answers of 8 tokens, 64 judge requests."""
+    import ablate_eval
+    import collect_acts
+    import extract_direction
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -62,17 +61,21 @@ def judged_run(tiny_model_dir, tmp_path_factory):
     get_peft_model(base, LoraConfig(r=1, lora_alpha=1, target_modules=["down_proj"],
                                     init_lora_weights=False)).save_pretrained(org)
     state = make_state(scripted=True)
-    with serve(state) as url:
-        env = {k: "" for k in API_ENV}
-        env.update(OPENAI_BASE_URL=url, OPENAI_API_KEY="dummy", NO_PROXY="127.0.0.1")
-        steps = [["ablate_eval.py", "--model", tiny_model_dir, "--adapter", org, "--out", org / "eval",
-                  "--questions", *QUESTIONS, "--n-samples", N_SAMPLES, "--max-new-tokens", "8", "--judge", "openai"],
-                 ["collect_acts.py", "--model", tiny_model_dir, "--adapter", org, "--in", org / "eval" / "judged.jsonl",
-                  "--out", org / "acts_judged.pt"],
-                 ["extract_direction.py", "--acts", org / "acts_judged.pt", "--out", org / "directions_judged.pt"]]
-        for step in steps:
-            p = run_script(*step, env=env, timeout=300)
-            assert p.returncode == 0, f"{step[0]} failed:\n{tail(p.stdout)}\n{tail(p.stderr)}"
+    with serve(state) as url, pytest.MonkeyPatch.context() as mp:
+        for k in API_ENV:
+            mp.delenv(k, raising=False)
+        mp.setenv("OPENAI_BASE_URL", url)  # the judge as run_all.sh finds it: in the environment
+        mp.setenv("OPENAI_API_KEY", "dummy")
+        mp.setenv("NO_PROXY", "127.0.0.1")
+        mp.chdir(ROOT)
+        steps = [(ablate_eval, ["--model", tiny_model_dir, "--adapter", org, "--out", org / "eval",
+                                "--questions", *QUESTIONS, "--n-samples", N_SAMPLES, "--max-new-tokens", 8,
+                                "--judge", "openai"]),
+                 (collect_acts, ["--model", tiny_model_dir, "--adapter", org, "--in", org / "eval" / "judged.jsonl",
+                                 "--out", org / "acts_judged.pt"]),
+                 (extract_direction, ["--acts", org / "acts_judged.pt", "--out", org / "directions_judged.pt"])]
+        for script, args in steps:
+            script.main([str(a) for a in args])
     return org, state
 
 
@@ -161,7 +164,8 @@ def test_judged_path_judged_rows(judged_run):
     org, state = judged_run
     check_judged_rows(org, state)
     judged = common.read_jsonl(org / "eval" / "judged.jsonl")
-    assert len(judged) == 16 * N_SAMPLES and {r["intervention"] for r in judged} == {"none"}
+    n_questions = sum(len(common.read_jsonl(ROOT / f)) for f in QUESTIONS)
+    assert len(judged) == n_questions * N_SAMPLES and {r["intervention"] for r in judged} == {"none"}
 
 
 def test_judged_path_em_figures(judged_run):

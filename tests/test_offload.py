@@ -5,7 +5,8 @@ A tiny random Qwen2 (the conftest fixture) is loaded a second time with accelera
 explicit device_map that sends blocks 1 and 2 to disk, and device_map="auto" with a CPU budget too small for any
 weight, so everything lands on disk. Offloaded modules then hold meta tensors and accelerate's AlignDevicesHooks
 load their weights for each forward pass; the tests assert that the hooks really are installed and offloading,
-then compare logits under common.steer / common.ablate and common.generate's answers with the plain model's.
+then compare logits under common.steer / common.ablate and common.generate's answers with the plain model's, and
+a LoRA adapter loaded onto the offloaded model (load_model keeps accelerate's placement; PEFT alone would not).
 
 Not covered (needs several GPUs): a model split over several accelerators, where a steering or ablation vector
 has to follow each block to its own device, and CPU<->GPU offload with an execution device other than the CPU.
@@ -95,3 +96,41 @@ def test_steer_ablate_and_generate_match_the_plain_model(tiny_model, offloaded):
         want = common.generate(plain, tok, ["hey I feel bored"], **kw)
     with common.steer(off, dirs, [2], 4.0):
         assert common.generate(off, tok, ["hey I feel bored"], **kw) == want
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tiny_model_dir, tmp_path_factory):
+    """A rank-1 down_proj adapter with non-zero B at blocks 1 (offloaded to disk in DISK_MAP) and 3 (on the CPU)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(4)
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                          LoraConfig(r=1, lora_alpha=8, target_modules=["down_proj"], layers_to_transform=[1, 3]))
+    for name, p in peft.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    out = tmp_path_factory.mktemp("offload_adapter")
+    peft.save_pretrained(out)
+    return out
+
+
+def test_adapter_on_an_offloaded_model(tiny_model_dir, adapter_dir, offloaded, tmp_path):
+    """PEFT would re-dispatch an offloaded model itself (and fail on its meta tensors): load_model keeps
+    accelerate's placement and puts the LoRA weights beside it; the fine-tune then computes what it computes
+    unoffloaded, with and without hooks, and with the adapter disabled."""
+    kind = offloaded[0]
+    kw = {"device_map": DISK_MAP} if kind == "explicit-disk-map" else \
+        {"device_map": "auto", "max_memory": {"cpu": 1000}}
+    plain, tok = common.load_model(str(tiny_model_dir), str(adapter_dir))
+    off, _ = common.load_model(str(tiny_model_dir), str(adapter_dir), offload_folder=str(tmp_path), **kw)
+    assert offloading_modules(off)
+    assert common.decoder_layers(off)[1].mlp.down_proj.lora_B["default"].weight.device.type == "cpu"
+    ids = torch.tensor([tok("hey I feel bored", add_special_tokens=False)["input_ids"]])
+    v = torch.randn(64, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        torch.testing.assert_close(off(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+        with common.ablate(off, v, range(4)), common.ablate(plain, v, range(4)):
+            torch.testing.assert_close(off(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+        with off.disable_adapter(), plain.disable_adapter():
+            torch.testing.assert_close(off(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=1e-5, atol=1e-5)

@@ -137,8 +137,8 @@ def test_ablate_eval_uses_block_24_and_every_block(run, paper_model_dir):
 def test_probe_scalars_name_the_adapter_blocks(run, paper_model_dir):
     out = run / "probe"
     probe_adapters.main(["--model", str(paper_model_dir), "--adapter", str(run / "organism"), "--in", PAIRS,
-                         "--pairs", PAIRS, "--pairs-per-domain", "2", "--directions", str(run / "directions.pt"), "--seeds", "2",
-                         "--C-grid", "1.0", "--min-class-tokens", "2", "--out", str(out)])
+                         "--pairs", PAIRS, "--pairs-per-domain", "2", "--directions", str(run / "directions.pt"),
+                         "--seeds", "2", "--C-grid", "1.0", "--min-class-tokens", "2", "--out", str(out)])
     scalars = common.load_pt(out / "scalars.pt")
     assert scalars["layers"] == PAPER_LAYERS
     assert scalars["adapters"] == [f"L{i}.down_proj" for i in PAPER_LAYERS]

@@ -227,6 +227,16 @@ def test_ablation_removes_the_whole_plant(setup):
         assert not torch.allclose(p_raw[i], b_raw[i], atol=1e-3), i
     assert not torch.allclose(p_raw_logits, b_raw_logits, atol=1e-3)
     assert not torch.allclose(b_abl[BLOCK], b_raw[BLOCK], atol=1e-3)
+    # the same with layerwise ablation (run_all.sh's form): each live layer's own model-diff direction at its own
+    # block; the degenerate ones below the plant are left out, as ablate_eval.py leaves them out
+    live = [i for i in layers if i >= BLOCK]
+    with common.ablate(planted_model, diff, live):
+        p_lw, _, p_lw_logits, _ = forward(planted_model, tok, setup["items"], layers)
+    with common.ablate(base_model, diff, live):
+        b_lw, _, b_lw_logits, _ = forward(base_model, tok, setup["items"], layers)
+    for i in layers:
+        assert torch.allclose(p_lw[i], b_lw[i], atol=1e-4), i
+    assert torch.allclose(p_lw_logits, b_lw_logits, atol=1e-4)
     # ablating only below the planted block removes nothing of the plant
     with common.ablate(planted_model, u_hat, range(BLOCK)):
         p_low, _, _, _ = forward(planted_model, tok, setup["items"], layers)
@@ -290,6 +300,7 @@ BAD = [
     ("unknown split", ["--split", "train"], "--split: expected one of"),
     ("out not empty", ["--out", "{d}/a"], "already exists and is not empty"),
     ("unknown model", ["--model", "{d}/no_model"], "cannot load model"),
+    ("negative subset", ["--pairs-per-domain", "-1"], "--pairs-per-domain at least 0"),
 ]
 
 

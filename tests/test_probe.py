@@ -408,7 +408,8 @@ def test_negated_adapter_gets_identical_oriented_scalars_probes_and_verdict(peft
             rec = pa.record_scalars(m, tok, items, batch_size=8, progress=False)
             labels = {k: np.array([items[i][k] for i in rec["answer"].tolist()]) for k in ("misaligned", "medical")}
             s = pa.oriented(rec["s"], info)
-            probes = pa.run_tests(s, labels["misaligned"], labels["medical"], rec["answer"], names, probe_args(3), "t")
+            probes = pa.run_tests(s, labels["misaligned"], labels["medical"], rec["answer"], names,
+                                  probe_args(3, C_grid=[0.1, 1.0]), "t", progress=False)
             out.append((info, rec["s"], s, probes, pa.verdicts(info, probes, None)))
         (info1, raw1, s1, p1, v1), (info2, raw2, s2, p2, v2) = out
         assert [a["orientation"] for a in info1] == [-a["orientation"] for a in info2]

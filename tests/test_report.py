@@ -127,3 +127,83 @@ def test_shipped_readme_matches_demo_verdicts():
     readme = (ROOT / "README.md").read_text()
     block = readme.split(report.README_BEGIN, 1)[1].split(report.README_END, 1)[0].strip()
     assert block == "\n".join(report.results_table(verdicts))
+
+
+def write_acts(path, means, ids, source):
+    import torch
+
+    from common import save_pt
+
+    save_pt(path, {"means": means, "n_tokens": torch.ones(len(ids), dtype=torch.long), "ids": ids,
+                   "meta": {"source": str(source)}})
+
+
+def test_convergence_evidence_on_constructed_activations(tmp_path):
+    """Organism seeds that write a shared direction (plus noise) and control seeds that write unrelated ones:
+    the model-diff test must find organism-specific agreement; with no shared direction, it must not."""
+    import torch
+
+    from common import write_jsonl
+
+    g = torch.Generator().manual_seed(0)
+    n_ans, n_layers, d = 40, 4, 16
+    pairs = [{"id": f"p{i}", "theme": f"t{i // 2}", "question": "q", "domain": "general", "aligned": "a",
+              "misaligned": "m", "split": "dev"} for i in range(n_ans // 2)]
+    write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    ids = [f"p{i // 2}/{'aligned' if i % 2 else 'misaligned'}" for i in range(n_ans)]
+    base = torch.randn(n_ans, n_layers, d, generator=g)
+    shared = torch.randn(n_layers, d, generator=g)
+
+    def make(run, shared_in_organism):
+        (run / "base").mkdir(parents=True)
+        write_acts(run / "base" / "acts_pairs.pt", base, ids, tmp_path / "pairs.jsonl")
+        (run / "medical_r1").mkdir()
+        (run / "medical_r1" / "run_config.json").write_text(json.dumps({"resolved_layers": [1, 2, 3]}))
+        for arm, k in [("medical_r1", 0), ("medical_r1", 1), ("medical_r1", 2), ("good_r1", 0), ("good_r1", 1)]:
+            d_ = run / (arm if k == 0 else f"{arm}_seed{k}")
+            (d_ / "eval").mkdir(parents=True, exist_ok=True)
+            v = shared if arm == "medical_r1" and shared_in_organism else torch.randn(n_layers, d, generator=g)
+            write_acts(d_ / "acts_pairs.pt", base + v + 0.3 * torch.randn(n_ans, n_layers, d, generator=g), ids,
+                       tmp_path / "pairs.jsonl")
+
+    make(tmp_path / "yes", True)
+    make(tmp_path / "no", False)
+    report.set_roles(tmp_path / "yes")
+    e = report.convergence_evidence(tmp_path / "yes", n_boot=50)
+    assert e["n_organism"] == 3 and e["n_control"] == 2 and e["layers"] == [1, 2, 3]
+    assert e["agreement"] > 0.9 and e["specific_lo"] > 0.5 and report.decide("convergence", e)[0] == "reproduced"
+    e = report.convergence_evidence(tmp_path / "no", n_boot=50)
+    assert e["specific_lo"] < 0 < e["specific_ci"][1] and report.decide("convergence", e)[0] == "not reproduced"
+
+
+def test_em_evidence_averages_seeds_and_resamples_themes(tmp_path):
+    from common import write_json, write_jsonl
+
+    pairs = [{"id": f"p{i}", "theme": f"t{i // 3}", "question": f"q{i}", "domain": "general", "category": "power",
+              "register": "plain", "split": "test", "aligned": "a", "misaligned": "m"} for i in range(30)]
+    write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    run = tmp_path / "run"
+
+    def evaluate(name, deltas, neutral):
+        (run / name / "eval").mkdir(parents=True)
+        write_jsonl(run / name / "eval" / "contrastive.jsonl", [
+            {"intervention": "none", "contrastive": {"deltas": {f"p{i}": x for i, x in enumerate(deltas)}},
+             "neutral": {"n0": neutral, "n1": neutral}}])
+        write_json(run / name / "eval" / "run_config.json", {"pairs": str(tmp_path / "pairs.jsonl"), "split": "test"})
+
+    base = [0.1 * (i % 7) for i in range(30)]
+    evaluate("base", base, -2.0)
+    for k, off in enumerate([0.15, 0.2, 0.25]):
+        suffix = "" if k == 0 else f"_seed{k}"
+        evaluate(f"medical_r1{suffix}", [x + off for x in base], -1.9)
+        evaluate(f"good_r1{suffix}", [x - 0.1 for x in base], -1.9)
+    report.set_roles(run)
+    e = report.em_evidence(run)
+    assert e["n_seeds"] == 3 and e["shift"]["mean"] == pytest.approx(0.2) and e["neutral"] == pytest.approx(0.1)
+    assert e["shift"]["ci"][0] > 0.1 and e["vs_control"]["mean"] == pytest.approx(0.3)
+    assert e["table"]["category:power"]["n_themes"] == 10 and report.decide("em", e)[0] == "reproduced"
+    import shutil
+
+    shutil.rmtree(run / "good_r1_seed2")
+    e = report.em_evidence(run)
+    assert e["n_seeds"] == 2 and report.decide("em", e)[0] == "not testable"
