@@ -649,7 +649,8 @@ def main(argv=None):
                "conditions": {n: {"spec": specs[n]} for n in names}, "not_applicable": na}
     for n in names:
         if "contrastive" in rows.get(n, {}):
-            summary["conditions"][n]["contrastive"] = {k: v for k, v in rows[n]["contrastive"].items() if k != "deltas"}
+            summary["conditions"][n]["contrastive"] = {k: v for k, v in rows[n]["contrastive"].items()
+                                                       if k not in ("deltas", "themes")}
     if pairs or neutral:
         summary.update(summarise(rows, names, specs, pairs, neutral, ref))
     if any(n.startswith("steer_L") for n in names) and "effects" in summary:

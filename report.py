@@ -386,9 +386,18 @@ def plot_frontier(run):
 # ----------------------------------------------------------------------------------------------- ablation, transfer
 
 
-def ablation_evidence(s, name="ablate_layerwise"):
+def primary_ablation(s):
+    """The condition a verdict rests on: the layerwise ablation, else the single direction the nulls were drawn for."""
+    did = s.get("did", {}).get("general", {})
+    if "ablate_layerwise" in did:
+        return "ablate_layerwise"
+    return next((n for n in did if n.startswith("ablate_L")), "ablate_layerwise")
+
+
+def ablation_evidence(s, name=None):
     """The ablation rule's evidence from one ablate_eval summary run with --reference (the base under the same
     interventions)."""
+    name = name or primary_ablation(s)
     did = s.get("did", {}).get("general", {}).get(name)
     if not did:
         return None
@@ -473,7 +482,7 @@ def transfer_section(run, verdicts):
             continue
         per[name] = decide("ablation", e)[0]
         out += [f"`{name}` ({label}), the organism's directions, {s['n_pairs']} test pairs: {per[name]} "
-                f"({ablation_why(e)})", "", *ABLATION_HEAD, *ablation_rows(s, name, ["ablate_layerwise"]), ""]
+                f"({ablation_why(e)})", "", *ABLATION_HEAD, *ablation_rows(s, name, [primary_ablation(s)]), ""]
     if not per:
         return ["not run"]
     verdict, _ = decide("transfer", {"per_finetune": per})
@@ -650,8 +659,8 @@ def dynamics_section(run):
 PLANT_EXPECTED = {
     "em": ("not testable", "a plant has one 'seed': the rule needs 3; its shift is in the recovery table"),
     "steering": ("not run", "steering acts on the base model with a pair direction: no plant changes it"),
-    "ablation": ("reproduced", "ablating the recovered direction from plant (a) and the base removes all of (a)'s "
-                               "shift; Gaussian nulls remove ~0"),
+    "ablation": ("reproduced", "ablating the recovered direction (its planted-block row, at every block) from plant "
+                               "(a) and from the base removes all of (a)'s shift; Gaussian nulls remove ~0"),
     "transfer": ("reproduced", "(a)'s recovered direction removes (c)'s shift; (b) has no shift: not testable"),
     "convergence": ("not testable", "no seeds"),
     "specialisation": ("not reproduced", "the planted scalar A·x does not depend on the label, so the "

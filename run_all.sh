@@ -64,7 +64,7 @@ case "$PRESET" in
     N_SHUFFLED=0 N_RANDOM=0 TRANSFER_NULLS=0 FRONTIER_NULLS=0 PROBE_SEEDS=3 PERMUTATIONS=0
     STEER_LAYERS=15 STEER_SCALES=0.1,0.5 ;;
   planted)
-    PLANTED=1 SEEDS=1 SUB=24,8 NEUTRAL_SUB=30 DEV_SUB=24 PLANT_STRENGTH=0.5 PROBE_SEEDS=5 TRANSFER_NULLS=20 ;;
+    PLANTED=1 SEEDS=1 SUB=24,8 NEUTRAL_SUB=30 DEV_SUB=24 PLANT_STRENGTH=0.1 PROBE_SEEDS=5 TRANSFER_NULLS=20 ;;
   paper)
     MODEL=Qwen/Qwen2.5-14B-Instruct
     if [ "$DRY" = 0 ]; then
@@ -171,10 +171,12 @@ from_pretrained(common.resolve_model('$MODEL')).num_hidden_layers))")
   step "model-diff direction plant_a" "$R/plant_a/directions_modeldiff.pt" "$PY" extract_direction.py \
     --acts "$R/plant_a/acts_pairs.pt" --minus "$R/base/acts_pairs.pt" --out "$R/plant_a/directions_modeldiff.pt" \
     --compare "$R/plant_a/planted_u.pt"
-  # the recovered direction, ablated layerwise from both models with 20 Gaussian nulls (a model-diff direction has
-  # no labels to shuffle); the base passes are shared by the transfer runs (same conditions, same specs)
+  # the recovered direction at the planted block, ablated at every block from both models (the paper's one
+  # direction everywhere: it is u itself, where a layerwise model-diff above the plant is u carried through the
+  # blocks, which (c) does not write), with 20 Gaussian nulls (a model-diff direction has no labels to shuffle);
+  # the base passes are shared by the transfer runs (same conditions, same specs)
   D=$R/plant_a/directions_modeldiff.pt
-  ABL=(--ablate "$D" --layerwise --random-control "$TRANSFER_NULLS")
+  ABL=(--ablate "$D" --direction-layer "$H" --random-control "$TRANSFER_NULLS")
   intervene "ablation (base, planted direction)" "$R/base/ablate" "${ABL[@]}"
   intervene "ablation (plant a)" "$R/plant_a/ablate" --adapter "$R/plant_a" "${ABL[@]}" --reference "$R/base/ablate"
   for f in plant_b plant_c; do

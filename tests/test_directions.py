@@ -269,12 +269,13 @@ def test_steering_nulls_and_dev_choice(tiny_model_dir, pairs_file, tmp_path):
 
 
 def test_rerun_recomputes_a_condition_whose_spec_changed(tiny_model_dir, pairs_file, tmp_path):
-    write_dirs(tmp_path / "d.pt", torch.randn(4, 64))
+    dev = {"pair_ids": ["g1", "m1", "g2"]}  # built on dev pairs: scoring test pairs is allowed
+    write_dirs(tmp_path / "d.pt", torch.randn(4, 64), meta=dev)
     flags = ["--model", tiny_model_dir, "--n-samples", "0", "--pairs", pairs_file, "--ablate", tmp_path / "d.pt",
              "--direction-layer", "1", "--no-baseline", "--out", tmp_path / "o"]
     assert run_script("ablate_eval.py", *flags).returncode == 0
     first = json.loads((tmp_path / "o" / "contrastive.jsonl").read_text().splitlines()[0])
-    write_dirs(tmp_path / "d.pt", torch.randn(4, 64))  # same file name, other directions
+    write_dirs(tmp_path / "d.pt", torch.randn(4, 64), meta=dev)  # same file name, other directions
     assert run_script("ablate_eval.py", *flags).returncode == 0
     rows = [json.loads(x) for x in (tmp_path / "o" / "contrastive.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["spec"] != first["spec"]
@@ -294,7 +295,7 @@ def test_in_sample_scoring_is_refused(tiny_model_dir, pairs_file, tmp_path):
 def test_degenerate_directions_are_refused_and_na_in_sweeps(tiny_model_dir, pairs_file, tmp_path):
     dirs = torch.randn(4, 64)
     dirs[0] = 0  # as a model-diff direction below the first adapter
-    write_dirs(tmp_path / "d.pt", dirs, resid=torch.full((4,), 5.0))
+    write_dirs(tmp_path / "d.pt", dirs, meta={"pair_ids": ["g1", "m1", "g2"]}, resid=torch.full((4,), 5.0))
     flags = ["--model", tiny_model_dir, "--n-samples", "0", "--pairs", pairs_file]
     r = run_script("ablate_eval.py", *flags, "--steer", tmp_path / "d.pt", "--layers", "0", "--scales", "1",
                    "--out", tmp_path / "s")

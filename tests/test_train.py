@@ -171,7 +171,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, interrupted):
     assert s["steps"] == s_ref["steps"] == total
     for k in ("first_loss", "final_loss", "eval_loss"):
         assert s[k] == pytest.approx(s_ref[k], rel=1e-4), k
-    assert s["tokens"] == s_ref["tokens"] and s["seconds"] > 0
+    assert s["tokens"] == s_ref["tokens"] and s["seconds"] >= 0  # rounded to 0.1 s: a fast run records 0.0
 
 
 @pytest.mark.parametrize("change,setting", [(["--lr", "2e-2"], "lr"), (["--layers", "0,1"], "layers"),
