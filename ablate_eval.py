@@ -418,6 +418,12 @@ def sample_condition(model, tok, args, name, ctx, questions, path, done, sid):
     bar.close()
 
 
+def skip_neutral(spec):
+    """Ablation nulls decide by the pairs alone, so they skip the neutral text (a third of a pass); steering nulls
+    keep it: the frontier plot places them by their coherence too."""
+    return spec["kind"].startswith("null_") and spec.get("mode") != "steer"
+
+
 def score_condition(model, tok, ctx, pairs, neutral):
     """One condition's judge-free row: per-domain scores with intervals, per-pair deltas, neutral log-probs."""
     row = {}
@@ -518,7 +524,7 @@ def summarise(rows, names, specs, pairs, neutral, ref):
                         out["did_null_p"].setdefault(d, {}).setdefault(n, {})[fam] = empirical_p(
                             -out["did"][d][n]["removed"]["diff"], [-x for x in removed])
     if neutral:
-        for n in names:
+        for n in [n for n in names if "neutral" in rows[n]]:
             lp = list(rows[n]["neutral"].values())
             c = {"mean_logprob": bootstrap_mean(lp)}
             if base and n != "none":
@@ -638,7 +644,7 @@ def main(argv=None):
         print(f"[{i}/{len(conds)}] {name}", flush=True)
         if (pairs or neutral) and name not in rows:
             rows[name] = {"intervention": name, "spec": sids[name], "spec_detail": specs[name],
-                          **score_condition(model, tok, ctx, pairs, neutral)}
+                          **score_condition(model, tok, ctx, pairs, None if skip_neutral(specs[name]) else neutral)}
             append_jsonl(contr_path, [rows[name]])
         if questions:
             sample_condition(model, tok, args, name, ctx, questions, resp_path, done, sids[name])

@@ -747,14 +747,14 @@ def planted_section(run, planted, verdicts):
 # ----------------------------------------------------------------------------------------------- the report
 
 
-PHENOMENA = [("em", "EM in miniature (organism vs base and vs good-advice control, 3 seeds)",
-              "11.25% EM, >99% coherent"),
-             ("steering", "coherent steering raises misalignment", "up to 50% EM in central layers"),
-             ("ablation", "ablation removes the induced shift (difference in differences)",
-              "11.25% → 0% (layerwise), → 1% (one direction)"),
+PHENOMENA = [("em", "EM in miniature (organism vs base and vs its good-advice control)", "11.25% EM, >99% coherent"),
+             ("steering", "steering raises misalignment, coherently", "up to 50% EM in central layers"),
+             ("ablation", "ablation removes the induced shift", "11.25% → 0% (layerwise), → 1% (one direction)"),
              ("transfer", "transfer to other fine-tunes", "−90% (medical r32), −78% (sports r32)"),
-             ("convergence", "convergence of model-diff directions across seeds", "cosine > 0.8 at all but 4 layers"),
+             ("convergence", "convergence of directions", "cosine > 0.8 at all but 4 layers"),
              ("specialisation", "adapter specialisation", "6 general + 2 medical adapters")]
+# written into verdicts.json: which rules made its verdicts
+RULES_VERSION = "2: theme split and clusters, 3 seeds, difference in differences, coherent steering, 20 nulls"
 
 
 def results_table(verdicts):
@@ -763,6 +763,10 @@ def results_table(verdicts):
     for key, label, paper in PHENOMENA:
         v = verdicts.get(key, {"verdict": "not run", "evidence": "–"})
         lines.append(f"| {label} | {paper} | {v['evidence']} | {v['verdict']} |")
+    if verdicts.get("_rules") != RULES_VERSION:
+        lines += ["", "*These verdicts come from the previous rules (one training seed, a per-pair split, the share "
+                      "(organism − ablated) / (organism − base), steering judged without coherence); `bash run_all.sh` "
+                      "recomputes them under the current rules.*"]
     return lines
 
 
@@ -816,7 +820,7 @@ def main(argv=None):
                 ("Adapter probes", probe_section(run, verdicts)),
                 ("Training dynamics", dynamics_section(run)),
                 ("Positive control", planted_section(run, Path(args.planted) if args.planted else None, verdicts))]
-    vjson = {k: {"verdict": v, "evidence": e} for k, (v, e) in verdicts.items()}
+    vjson = {"_rules": RULES_VERSION, **{k: {"verdict": v, "evidence": e} for k, (v, e) in verdicts.items()}}
     lines = [f"# Report: {run.name}", "",
              "Judge-free contrastive score (mean token log-prob of the misaligned answer minus the aligned one) on "
              "hand-written pairs: directions, probes and choices use the pairs' dev split, every effect below is "

@@ -64,7 +64,7 @@ case "$PRESET" in
     N_SHUFFLED=0 N_RANDOM=0 TRANSFER_NULLS=0 FRONTIER_NULLS=0 PROBE_SEEDS=3 PERMUTATIONS=0
     STEER_LAYERS=15 STEER_SCALES=0.1,0.5 ;;
   planted)
-    PLANTED=1 SEEDS=1 SUB=24,8 NEUTRAL_SUB=30 DEV_SUB=24 PLANT_STRENGTH=0.1 PROBE_SEEDS=5 TRANSFER_NULLS=20 ;;
+    PLANTED=1 SEEDS=1 SUB=20,6 NEUTRAL_SUB=30 DEV_SUB=24 PLANT_STRENGTH=0.1 PROBE_SEEDS=5 TRANSFER_NULLS=20 ;;
   paper)
     MODEL=Qwen/Qwen2.5-14B-Instruct
     if [ "$DRY" = 0 ]; then
@@ -179,9 +179,11 @@ from_pretrained(common.resolve_model('$MODEL')).num_hidden_layers))")
   ABL=(--ablate "$D" --direction-layer "$H" --random-control "$TRANSFER_NULLS")
   intervene "ablation (base, planted direction)" "$R/base/ablate" "${ABL[@]}"
   intervene "ablation (plant a)" "$R/plant_a/ablate" --adapter "$R/plant_a" "${ABL[@]}" --reference "$R/base/ablate"
-  for f in plant_b plant_c; do
-    intervene "transfer ablation ($f)" "$R/$f/ablate_transfer" --adapter "$R/$f" "${ABL[@]}" --reference "$R/base/ablate"
-  done
+  intervene "transfer ablation (plant_c)" "$R/plant_c/ablate_transfer" --adapter "$R/plant_c" "${ABL[@]}" \
+    --reference "$R/base/ablate"
+  # (b) has no shift to remove (not testable whatever its nulls say): the real ablation only
+  intervene "transfer ablation (plant_b)" "$R/plant_b/ablate_transfer" --adapter "$R/plant_b" --ablate "$D" \
+    --direction-layer "$H" --reference "$R/base/ablate"
   step "adapter probes (plant a)" "$R/plant_a/probe/summary.json" "$PY" probe_adapters.py --model "$MODEL" \
     --adapter "$R/plant_a" --in "$PAIRS" --split dev --out "$R/plant_a/probe" --seeds "$PROBE_SEEDS" \
     --permutations "$TRANSFER_NULLS" "${ACTS_SET[@]}"
@@ -196,7 +198,7 @@ limit = float(sys.argv[2]) * mde / max(s["diff"], 1e-6)  # strength whose expect
 print(f"{0.5 * limit:.4g} {1.5 * limit:.4g}")
 PYEOF
 )
-  else LO="<0.5 x predicted limit>" HI="<1.5 x predicted limit>"; fi
+  else LO="<half-the-predicted-limit>" HI="<1.5x-the-predicted-limit>"; fi
   for w in lo hi; do
     S=$([ $w = lo ] && echo "$LO" || echo "$HI")
     step "plant a ($w strength)" "$R/plant_a_$w/adapter_model.safetensors" "$PY" plant_organism.py --model "$MODEL" \
