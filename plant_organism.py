@@ -50,6 +50,8 @@ Outputs (in --out, written to a temp dir and renamed into place):
          planted_u.pt (a directions file: row i = u at every block, so ablate_eval.py --ablate DIR/planted_u.pt
          ablates the known u and extract_direction.py --compare compares with it; plus "u", "A", "s" per block).
 
+--rescale DIR --strength S writes DIR's plant at another strength (B scaled by S / its strength; no model pass).
+
 Example:
     python collect_acts.py --in data/eval/contrastive_pairs.jsonl --split dev --out runs/x/base/acts_pairs.pt
     python extract_direction.py --acts runs/x/base/acts_pairs.pt --out runs/x/base/directions.pt
@@ -86,6 +88,8 @@ def parse_args(argv=None):
     p.add_argument("--split", default="dev", help="the pairs A and the norms are fit on (dev; never test)")
     p.add_argument("--pairs-per-domain", type=int, default=None, help="a fixed subset of N pairs per domain (0: all)")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--rescale", default=None,
+                   help="an existing plant: write the same plant at --strength (B scaled; no model pass needed)")
     return p.parse_args(argv)
 
 
@@ -243,8 +247,52 @@ def planted_dirs(path, blocks):
     return {b: d["directions"][b].float() for b in blocks if b < d["directions"].shape[0] and b not in skip}
 
 
+def rescale(args):
+    """The same plant at another strength: the write is s·(A·x)·u with B = s·u, so scaling B by new/old strength
+    scales s exactly and leaves A, u and the fit untouched (used to check detection limits at several strengths)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    src, out = Path(args.rescale), Path(args.out)
+    cfg_path = src / "run_config.json"
+    if not cfg_path.exists() or "planted" not in json.loads(cfg_path.read_text()):
+        raise InputError(f"{src}: not a plant_organism.py output (no run_config.json with 'planted')")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InputError(f"{out} already exists and is not empty; choose another --out")
+    if not (math.isfinite(args.strength) and args.strength > 0):
+        raise InputError(f"--strength must be a positive number, got {args.strength}")
+    cfg = json.loads(cfg_path.read_text())
+    factor = args.strength / cfg["planted"]["strength"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        for f in src.iterdir():
+            if f.is_file():
+                shutil.copy2(f, tmp / f.name)
+        weights = load_file(str(src / "adapter_model.safetensors"))
+        save_file({k: v * factor if ".lora_B." in k else v for k, v in weights.items()},
+                  str(tmp / "adapter_model.safetensors"))
+        planted = cfg["planted"]
+        planted.update(strength=args.strength, s={b: v * factor for b, v in planted["s"].items()},
+                       rescaled_from=str(src))
+        cfg["out"] = args.out
+        write_json(tmp / "run_config.json", cfg)
+        u_file = torch.load(src / "planted_u.pt", weights_only=False)
+        u_file["s"] = {b: v * factor for b, v in u_file["s"].items()}
+        torch.save(u_file, tmp / "planted_u.pt")
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"planted {out}: {src} rescaled to strength {args.strength:g} (B x {factor:.4g})")
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.rescale:
+        return rescale(args)
     check_args(args)
     rows, items = fit_pairs(args)
     src_path = args.direction or args.orthogonal_to

@@ -64,7 +64,7 @@ case "$PRESET" in
     N_SHUFFLED=0 N_RANDOM=0 TRANSFER_NULLS=0 FRONTIER_NULLS=0 PROBE_SEEDS=3 PERMUTATIONS=0
     STEER_LAYERS=15 STEER_SCALES=0.1,0.5 ;;
   planted)
-    PLANTED=1 SEEDS=1 SUB=20,6 NEUTRAL_SUB=30 DEV_SUB=24 PLANT_STRENGTH=0.1 PROBE_SEEDS=5 TRANSFER_NULLS=20 ;;
+    PLANTED=1 SEEDS=1 SUB=12,4 NEUTRAL_SUB=30 DEV_SUB=24 PLANT_STRENGTH=0.1 PROBE_SEEDS=5 TRANSFER_NULLS=20 ;;
   paper)
     MODEL=Qwen/Qwen2.5-14B-Instruct
     if [ "$DRY" = 0 ]; then
@@ -201,9 +201,8 @@ PYEOF
   else LO="<half-the-predicted-limit>" HI="<1.5x-the-predicted-limit>"; fi
   for w in lo hi; do
     S=$([ $w = lo ] && echo "$LO" || echo "$HI")
-    step "plant a ($w strength)" "$R/plant_a_$w/adapter_model.safetensors" "$PY" plant_organism.py --model "$MODEL" \
-      --pairs "$PAIRS" --split dev --pairs-per-domain "$DEV_SUB" --strength "$S" --direction "$R/base/directions.pt" \
-      --direction-layer "$H" --blocks "$H" --out "$R/plant_a_$w"
+    step "plant a ($w strength)" "$R/plant_a_$w/adapter_model.safetensors" "$PY" plant_organism.py \
+      --rescale "$R/plant_a" --strength "$S" --out "$R/plant_a_$w"
     evaluate "plant_a_$w" --adapter "$R/plant_a_$w" --reference "$R/base/eval"
   done
   report

@@ -1,16 +1,18 @@
 """Interop check: our exported control-vector GGUF steers llama.cpp exactly as common.steer steers our model.
 
-What it checks. A per-layer direction set is built (default: the base model's own mean-difference direction on a
-few dev contrastive pairs; --source random: seeded random vectors, each |v_l| = --rel-norm x block l's mean
-residual norm), saved as a directions.pt and exported by the repo's own exporter (`extract_direction.py
---directions X.pt --export-gguf X.gguf`), so the FILE is what is tested. The bundled SmolLM2 GGUF is loaded in
-llama.cpp (llama-cpp-python), the file is read the way llama.cpp's own loader reads it
+What it checks. A per-layer direction set is built (default --source random: seeded random vectors, independent
+per layer, each |v_l| = --rel-norm x block l's mean residual norm on the prompts, which makes the layer-offset test
+sharp; --source pairs: the base model's own mean-difference direction on a few dev contrastive pairs, whose
+adjacent layers are nearly parallel), saved as a directions.pt and exported by the repo's own exporter
+(`extract_direction.py --directions X.pt --export-gguf X.gguf`), so the FILE is what is tested. The bundled SmolLM2
+GGUF is loaded in llama.cpp (llama-cpp-python); the file is read the way llama.cpp's own loader reads it
 (common_control_vector_load_one: tensor direction.{i} x strength -> row i-1 of a flat n_embd x n_layers buffer)
 and applied through llama_set_adapter_cvec (row i-1 -> tensors[i], added by build_cvec to the output of block i,
-"l_out"), with the layer range of --control-vector-layer-range. On the same token ids (chat-formatted questions
-plus a partial answer; every position of the partial answer) it compares llama.cpp's next-token log-probs with
-our transformers model's, unsteered and steered by common.steer at the same raw lambda, with the file's
-direction.{i} placed at block i + offset for offset -1, 0, +1.
+"l_out"), within the layer range that --control-vector-layer-range would give. On the same token ids
+(chat-formatted questions plus a partial answer; every position of the partial answer) it compares llama.cpp's
+next-token log-probs with our transformers model's, unsteered and steered by common.steer at the same raw lambda
+with row i of directions.pt placed at block i + offset (offset -1, 0, +1; i over the file indices llama.cpp
+applies). It also checks that every direction.{i} in the file equals row i of directions.pt.
 
 Exact agreement is impossible (llama.cpp runs the Q4_1 kernels, transformers the dequantised weights in fp32), so
 the test judges the CHANGE that steering causes: over the union of the top --top-k tokens at each position,
@@ -233,14 +235,15 @@ def hf_logprobs(model, encoded, vectors=None, layers=(), scale=0.0):
     return np.concatenate(out)
 
 
-def shifted(file_dirs, file_layers, offset, n_layers):
-    """Place the file's direction.{i} at block i + offset: ([n_layers, d] vectors, blocks) for common.steer."""
-    vec = torch.zeros(n_layers, file_dirs.shape[1])
+def shifted(dirs, file_layers, offset, n_layers):
+    """Row i of directions.pt at block i + offset, for each index i that llama.cpp applies from the file:
+    ([n_layers, d] vectors, blocks) for common.steer."""
+    vec = torch.zeros(n_layers, dirs.shape[1])
     blocks = []
     for i in file_layers:
         j = i + offset
         if 0 <= j < n_layers:
-            vec[j] = file_dirs[i]
+            vec[j] = dirs[i]
             blocks.append(j)
     return vec, blocks
 
@@ -268,9 +271,10 @@ def slope(x, y):
     return float((x * y).sum() / (x * x).sum()) if (x * x).sum() > 0 else float("nan")
 
 
-def run_config(name, llama, model, encoded, file_path, file_dirs, layer_range, scale, top_k, base_ll, base_hf):
-    """One configuration: llama.cpp steered via our file in layers layer_range (inclusive) vs common.steer."""
-    n_layers = file_dirs.shape[0]
+def run_config(name, llama, model, encoded, file_path, pt_dirs, layer_range, scale, top_k, base_ll, base_hf):
+    """One configuration: llama.cpp steered by the exported file in layers layer_range (inclusive) vs common.steer
+    with directions.pt (end to end: a wrong index, sign or scale in the exporter or in llama.cpp shows up here)."""
+    n_layers = pt_dirs.shape[0]
     n_embd, data = load_cvec_like_llamacpp(file_path, scale)
     llama.set_cvec(n_embd, data, *layer_range)
     steered_ll = llama.logprobs(encoded)
@@ -285,7 +289,7 @@ def run_config(name, llama, model, encoded, file_path, file_dirs, layer_range, s
            "llamacpp_max_abs_change": round(float(np.abs(d_ll).max()), 4),
            "llamacpp_mean_abs_change": round(float(np.abs(d_ll).mean()), 4), "offsets": {}}
     for off in OFFSETS:
-        vec, blocks = shifted(file_dirs, applied, off, n_layers)
+        vec, blocks = shifted(pt_dirs, applied, off, n_layers)
         steered_hf = hf_logprobs(model, encoded, vec, blocks, scale)
         d_hf = gather(steered_hf - base_hf, sets)
         entry = {"r": round(pearson(d_ll, d_hf), 4), "slope": round(slope(d_ll, d_hf), 4)}
@@ -443,7 +447,7 @@ def check(args):
     configs = [] if args.no_all else [("all", (1, n_layers - 1), scale_all)]
     configs += [(f"L{i}", (i, i), scale_single) for i in args.single]
     for name, rng, scale in configs:
-        res = run_config(name, llama, model, encoded, gguf_path, file_dirs, rng, scale, args.top_k, base_ll,
+        res = run_config(name, llama, model, encoded, gguf_path, pt_dirs, rng, scale, args.top_k, base_ll,
                          base_hf)
         results["configs"][name] = res
         offs = "  ".join(f"offset {o:+d}: r={v['r']:.4f} slope={v['slope']:.3f}"

@@ -141,6 +141,26 @@ def test_write_is_exact(setup):
     assert not torch.allclose(with_plant[BLOCK + 1], without[BLOCK + 1])  # and the blocks above see it
 
 
+def test_rescale_scales_the_write_exactly(setup):
+    """--rescale writes the same plant at another strength: B (and s) scaled by new/old, A and u unchanged, so the
+    block's write scales exactly."""
+    import plant_organism
+
+    out = setup["dir"] / "a_x3"
+    plant_organism.main(["--rescale", str(setup["dir"] / "a"), "--strength", "1.5", "--out", str(out)])
+    cfg, pu = planted(out)
+    cfg0, pu0 = planted(setup["dir"] / "a")
+    assert cfg["planted"]["strength"] == 1.5 and cfg["planted"]["rescaled_from"] == str(setup["dir"] / "a")
+    assert pu["s"][BLOCK] == pytest.approx(3 * pu0["s"][BLOCK]) and torch.equal(pu["A"][BLOCK], pu0["A"][BLOCK])
+    model, tok = common.load_model(setup["model"], adapter=str(out))
+    model0, _ = loaded(setup, "a")
+    big, _, _, _ = forward(model, tok, setup["items"], [BLOCK])
+    small, _, _, _ = forward(model0, tok, setup["items"], [BLOCK])
+    with model.disable_adapter():
+        none, _, _, _ = forward(model, tok, setup["items"], [BLOCK])
+    assert torch.allclose(big[BLOCK] - none[BLOCK], 3 * (small[BLOCK] - none[BLOCK]), atol=1e-3)
+
+
 def test_ax_positive_on_fit_tokens(setup):
     """A = m/|m|^2: A·x averages exactly 1 over the fit answer tokens and is > 0 on at least 99% of them.
 
