@@ -29,7 +29,8 @@ Output: directions.pt = {"directions": [n_layers, d_model] raw mean difference, 
 
 Export conventions (matching llama.cpp exactly):
 - Layers: "direction.{i}" is added to the output of decoder block i, 0-based, i.e. row i of directions.pt; the
-  index maps as it is. llama.cpp stores direction.{i} at tensors[i] (common_control_vector_load_one) and every model
+  index maps as it is. llama.cpp puts direction.{i} in row i-1 of its control-vector buffer
+  (common_control_vector_load_one), llama_set_adapter_cvec sends row i-1 to tensors[i], and every model
   graph adds tensors[il] to block il's output (build_cvec(cur, il), named "l_out"); repeng's ControlModel and
   export_gguf use the same index. llama.cpp rejects a file holding direction.0 (block 0 has no slot), so the GGUF
   leaves block 0 out; the safetensors keeps it.
@@ -46,7 +47,7 @@ Examples:
     python extract_direction.py --directions runs/demo/medical_r1/directions.pt \
         --export-gguf runs/demo/medical_r1/directions.gguf \
         --export-safetensors runs/demo/medical_r1/directions.safetensors
-    llama-cli -m model.gguf --control-vector-scaled runs/demo/medical_r1/directions.gguf 1.0 \
+    llama-cli -m model.gguf --control-vector-scaled runs/demo/medical_r1/directions.gguf:1.0 \
         --control-vector-layer-range 15 15
 """
 import argparse
@@ -60,7 +61,7 @@ from common import (InputError, atomic_write, base_model_hashes, cli, degenerate
 
 # Exported files name each vector "direction.{i}" with i the 0-based decoder block whose output it is added to, the
 # same index as row i of directions.pt. This is llama.cpp's convention (common_control_vector_load_one puts
-# direction.{i} at tensors[i]; each model graph adds tensors[il] to block il's output, build_cvec(cur, il)) and
+# direction.{i} in buffer row i-1, which becomes tensors[i]; each model graph adds tensors[il] to block il's output, build_cvec(cur, il)) and
 # repeng's (ControlModel adds directions[i] to model.layers[i]'s output; export_gguf writes direction.{i}).
 LAYER_CONVENTION = "direction.{i} is added to the output of decoder block i (0-based), as in llama.cpp and repeng"
 TOKENS = "answer tokens only (each token weighs the same; prompt, chat template and end-of-turn excluded)"
