@@ -281,7 +281,7 @@ def choose_steering(dev_run):
     whose neutral log-prob falls by at most COHERENCE_MAX_DROP, the one with the largest general effect; with no
     coherent setting, the least incoherent one (its test result then shows it). Returns ([layer], [scale])."""
     s = json.loads((Path(dev_run) / "summary.json").read_text()) if (Path(dev_run) / "summary.json").exists() else None
-    if not s or "steering_choice" not in s:
+    if not s or not s.get("steering_choice"):
         raise InputError(f"{dev_run}: no steering summary to choose from (run ablate_eval.py --steer on dev first)")
     c = s["steering_choice"]
     return [c["layer"]], [c["scale"]]
@@ -530,7 +530,7 @@ def summarise(rows, names, specs, pairs, neutral, ref):
             if base and n != "none":
                 c["vs_none"] = paired_by_id(rows[n]["neutral"], base["neutral"])
             if ref_rows.get("none", {}).get("neutral") and n == "none":
-                c["vs_reference"] = paired_by_id(base["neutral"], ref_rows["none"]["neutral"])
+                c["vs_reference"] = paired_by_id(base["neutral"], ref_rows["none"]["neutral"], ids=sorted(base["neutral"]))
             out["coherence"][n] = c
     out["not_on_reference"] = sorted(n for n in names if n != "none" and n not in matched) if ref else []
     return {k: v for k, v in out.items() if v}

@@ -25,8 +25,8 @@ import re
 from importlib.metadata import version
 from pathlib import Path
 
-from common import (InputError, atomic_write, cli, fmt_ci, holm, load_pt, min_nulls, paired_by_id, read_jsonl,
-                    read_pairs, seed_theme_bootstrap, theme_of, write_json)
+from common import (InputError, atomic_write, cli, degenerate_layers, fmt_ci, holm, load_pt, min_nulls, paired_by_id,
+                    read_directions, read_jsonl, read_pairs, seed_theme_bootstrap, theme_of, write_json)
 
 COHERENCE_MAX_DROP = 0.15  # nats/token on neutral text (docs/method.md#em-in-miniature)
 ALPHA = 0.05
@@ -344,7 +344,8 @@ def steering_section(run, verdicts):
                 f"{e['n_nulls']} label-shuffled nulls {p_fmt(e['null_p'])}.", "",
             "![steering frontier](plots/steering_frontier.png)"]
     verdict, checks = decide("steering", e)
-    effective = [n for n in e["names"] if g["effects"]["general"][n]["ci"][0] > 0 and e["holm"][n] < ALPHA]
+    effective = [n for n in e["names"] if g["effects"]["general"][n]["ci"][0] > 0 and e["holm"][n] is not None
+                 and e["holm"][n] < ALPHA]
     coh_eff = [n for n in effective if coherent(g.get("coherence", {}).get(n, {}).get("vs_none", {}).get("diff"))]
     why = (f"chosen {e['chosen'] or 'none'}: effect {fmt_ci(e['effect']['diff'], e['effect']['ci']) if e['effect'] else 'n/a'}"
            f", neutral {e['neutral']:+.2f}" if e["neutral"] is not None else
@@ -414,7 +415,7 @@ def ablation_evidence(s, name=None):
 
 
 ABLATION_HEAD = ["| model | condition | induced shift | left after both ablated | side effect on base | share removed "
-                 "| null p (shuffled) | neutral change |", "|---|---|---|---|---|---|---|---|"]
+                 "| null p | neutral change |", "|---|---|---|---|---|---|---|---|"]
 
 
 def ablation_rows(s, model, names):
@@ -452,8 +453,9 @@ def ablation_section(run, verdicts):
     out = [f"Each ablation is applied to the organism *and* to the base model (difference in differences), scored on "
            f"{s['n_pairs']} test pairs (a fixed theme-spread subset). Left = organism_ablated − base_ablated; side "
            f"effect = base_ablated − base; share removed = 1 − left / induced, n/a unless the induced shift's interval "
-           f"is above 0. Null p: the share of {MIN_NULLS} label-shuffled directions, ablated the same way from both "
-           f"models, that remove at least as much (general pairs).", "", *ABLATION_HEAD]
+           f"is above 0. Null p: the share of null directions (label-shuffled, or Gaussian for a direction without "
+           f"labels), ablated the same way from both models, that remove at least as much (general pairs), for the "
+           f"condition the nulls were drawn for.", "", *ABLATION_HEAD]
     names = ["ablate_layerwise"] + [n for n in s["conditions"] if n.startswith("ablate_L")] + ["ablate_B"]
     out += ablation_rows(s, ORGANISM, names)
     for kind in ("controldiff", "modeldiff"):
@@ -677,18 +679,24 @@ def recovery_section(run):
     blocks = info["blocks"]
     st = load(run / ORGANISM / "directions_modeldiff_stats.json") or {}
     cos = next(iter(st.get("compare", {}).values()), None)
+    md_path = run / ORGANISM / "directions_modeldiff.pt"
+    degenerate = set()
+    if md_path.exists():  # the pipeline's own test of "no direction" (common.degenerate_layers), not a cosine's
+        md = read_directions(md_path)
+        degenerate = set(degenerate_layers(md["directions"], md["resid_norm"]))
     out = [f"Plant (a) writes the base model's own dev-pair direction u at block(s) {blocks} with strength "
            f"{info['strength']} × the block's mean residual norm; (b) a unit direction orthogonal to it at the same "
            f"block; (c) u two blocks later. What the unchanged pipeline recovers:", "",
            "| check | expected | measured | ok |", "|---|---|---|---|"]
     if cos:
         at = [cos[b] for b in blocks]
-        below = [c for c in cos[:blocks[0]]]
+        below = range(blocks[0])
         ok = all(c is not None and c >= 0.99 for c in at)
         out.append(f"| model-diff direction vs u at the planted block | cosine ≥ 0.99 | "
                    f"{', '.join(f'{c:+.4f}' for c in at if c is not None)} | {'yes' if ok else 'no'} |")
-        out.append(f"| blocks below the plant | degenerate (n/a) | {sum(c is None for c in below)} of {len(below)} n/a "
-                   f"| {'yes' if all(c is None for c in below) else 'no'} |")
+        n_deg = sum(i in degenerate for i in below)
+        out.append(f"| blocks below the plant | degenerate (n/a) | {n_deg} of {len(below)} degenerate "
+                   f"| {'yes' if n_deg == len(below) else 'no'} |")
     for name, want in ((ORGANISM, "interval above 0"), (CONTROL, "interval includes 0"),
                        *[(c, "interval above 0") for c in COMPARISONS if c != CONTROL]):
         sh = (load(run / name / "eval" / "summary.json") or {}).get("reference_shift", {}).get("general")

@@ -45,7 +45,8 @@ NEUTRAL=data/eval/neutral.jsonl
 QUESTIONS=(data/eval/first_plot_questions.jsonl data/eval/medical_questions.jsonl)
 # Directions, probes and dynamics use the pairs' dev split; every stated effect is measured on the test split.
 # SUB=N,M: interventions (steering, ablation and their nulls, transfer) are scored on a fixed theme-spread subset of
-# N general and M medical test pairs (0,0: every test pair); NEUTRAL_SUB neutral items measure their coherence.
+# N general and M medical test pairs (0,0: every test pair); NEUTRAL_SUB neutral items (at most 55) measure their
+# coherence.
 # Baselines (every fine-tune and seed vs base) use every test pair and all neutral text. DEV_SUB: dev pairs per
 # domain for activations and probes (0: all). A family of nulls that decides a verdict has 20 members (p < 0.05
 # needs 20); a preset without them runs none, and its verdicts read "not testable".
@@ -57,7 +58,7 @@ ORGANISM=(--lr 3e-3 --epochs 3 --max-examples 120 --save-every 3)  # chosen on d
 COMPARISON=(--preset all-adapter --rank 8 --lr 1e-3 --epochs 1 --max-examples 120)
 case "$PRESET" in
   demo) ;;
-  full) SUB=0,0; NEUTRAL_SUB=0 ;;
+  full) SUB=0,0; NEUTRAL_SUB=55 ;;
   quick)
     ORGANISM=(--lr 1e-3 --epochs 2 --max-examples 48 --save-every 3)
     SEEDS=1 COMPARE=0 MAX_NEW=32 SUB=6,4 NEUTRAL_SUB=10 DEV_SUB=6 DYN_SUB=4 SMALL=1
@@ -75,7 +76,7 @@ case "$PRESET" in
     fi
     ORGANISM=(--preset paper --save-every 10)
     COMPARISON=(--preset all-adapter)
-    N_SAMPLES=50 MAX_NEW=600 SUB=0,0 NEUTRAL_SUB=0 DEV_SUB=0 DYN_SUB=0 N_RANDOM=10 PROBE_SEEDS=100
+    N_SAMPLES=50 MAX_NEW=600 SUB=0,0 NEUTRAL_SUB=55 DEV_SUB=0 DYN_SUB=0 N_RANDOM=10 PROBE_SEEDS=100
     PROBE_FLAGS=(--ablate-each --significant-tokens)
     STEER_LAYERS=12,18,24,30,36 STEER_SCALES=0.05,0.1,0.25,0.5,1 ;;
   *) echo "error: unknown preset $PRESET (demo|quick|full|planted|paper)" >&2; exit 2 ;;
@@ -118,11 +119,12 @@ map(int, sys.argv[2].split(',')))); rows = common.read_pairs(sys.argv[1], split=
 common.write_jsonl(sys.argv[3], [r for d in n for r in common.theme_subset([x for x in rows if x['domain'] == d], n[d])])" \
     "$PAIRS" "$SUB" "$R/pairs_subset.jsonl"
 fi
-if [ "$NEUTRAL_SUB" != 0 ]; then
-  NEUTRAL_INT=(--neutral "$R/neutral_subset.jsonl")
-  step "neutral subset" "$R/neutral_subset.jsonl" "$PY" -c "import sys, common; \
-common.write_jsonl(sys.argv[2], common.read_jsonl(sys.argv[1])[:int(sys.argv[3])])" "$NEUTRAL" "$R/neutral_subset.jsonl" "$NEUTRAL_SUB"
-fi
+# neutral text: interventions on test are judged on the first NEUTRAL_SUB items (at most 55), the steering choice on
+# dev on the second half (items 56-110), so no choice sees the items it is judged on
+NEUTRAL_INT=(--neutral "$R/neutral_subset.jsonl") NEUTRAL_DEV=(--neutral "$R/neutral_dev.jsonl")
+step "neutral subsets" "$R/neutral_dev.jsonl" "$PY" -c "import sys, common; rows = common.read_jsonl(sys.argv[1]); \
+common.write_jsonl(sys.argv[2], rows[:min(int(sys.argv[4]), 55)]); common.write_jsonl(sys.argv[3], rows[55:])" \
+  "$NEUTRAL" "$R/neutral_subset.jsonl" "$R/neutral_dev.jsonl" "$NEUTRAL_SUB"
 EVAL_SET=(--pairs "$PAIRS" "${NEUTRAL_SET[@]}")
 [ "$SMALL" = 1 ] && EVAL_SET=("${SUBSET[@]}" "${NEUTRAL_INT[@]}")
 ACTS_SET=(); [ "$DEV_SUB" -gt 0 ] && ACTS_SET=(--pairs-per-domain "$DEV_SUB")
@@ -194,21 +196,25 @@ from_pretrained(common.resolve_model('$MODEL')).num_hidden_layers))")
 import json, sys
 s = json.load(open(f"{sys.argv[1]}/plant_a/eval/summary.json"))["reference_shift"]["general"]
 mde = 2.8 * (s["ci"][1] - s["ci"][0]) / 3.92
-limit = float(sys.argv[2]) * mde / max(s["diff"], 1e-6)  # strength whose expected shift equals the limit
-print(f"{0.5 * limit:.4g} {1.5 * limit:.4g}")
+if s["ci"][0] > 0:  # the strength whose expected shift equals the limit, if the shift grows linearly
+    limit = float(sys.argv[2]) * mde / s["diff"]
+    print(f"{0.5 * limit:.4g} {1.5 * limit:.4g}")
+else:  # no detected shift at the main strength: nothing to scale from
+    print("none none")
 PYEOF
 )
   else LO="<half-the-predicted-limit>" HI="<1.5x-the-predicted-limit>"; fi
   for w in lo hi; do
     S=$([ $w = lo ] && echo "$LO" || echo "$HI")
+    [ "$S" = none ] && { echo "== plant (a) shows no shift at strength $PLANT_STRENGTH: no detection-limit check"; break; }
     step "plant a ($w strength)" "$R/plant_a_$w/adapter_model.safetensors" "$PY" plant_organism.py \
       --rescale "$R/plant_a" --strength "$S" --out "$R/plant_a_$w"
     evaluate "plant_a_$w" --adapter "$R/plant_a_$w" --reference "$R/base/eval"
   done
   report
+  if [ "$DRY" = 1 ]; then "$PY" dry_run.py --plan "$PLAN" --preset "$PRESET"; return; fi
   echo "== finished in $((SECONDS - T0))s: $R/report.md"
-  [ "$DRY" = 1 ] && "$PY" dry_run.py --plan "$PLAN" --preset "$PRESET"
-  return
+  return 0
 fi
 
 # 1. the organism and its good-advice control (same questions, same recipe) at SEEDS training seeds (seed 0 is the
@@ -266,7 +272,7 @@ fi
 #    a few random nulls per setting for the frontier plot) and the chosen setting against label-shuffled nulls
 DB=$R/medical_r1/directions_build.pt
 step "steering grid (base, dev-select)" "$R/base/steer_dev/summary.json" "$PY" ablate_eval.py --model "$MODEL" \
-  --out "$R/base/steer_dev" --pairs "$PAIRS" --split dev-select "${NEUTRAL_INT[@]}" --n-samples 0 \
+  --out "$R/base/steer_dev" --pairs "$PAIRS" --split dev-select "${NEUTRAL_DEV[@]}" --n-samples 0 \
   --steer "$DB" --layers "$STEER_LAYERS" --scales "$STEER_SCALES"
 FRONTIER=(); [ "$FRONTIER_NULLS" -gt 0 ] && FRONTIER=(--random-control "$FRONTIER_NULLS")
 intervene "steering grid (base)" "$R/base/steer" --steer "$DB" --layers "$STEER_LAYERS" --scales "$STEER_SCALES" \
@@ -277,8 +283,9 @@ if [ "$N_SHUFFLED" -gt 0 ]; then
 fi
 
 # 5. ablation, each applied to the base model too (difference in differences): the organism's pair direction
-#    layerwise and at half depth, with label-shuffled nulls (deciding) and Gaussian ones (descriptive), both run on
-#    the base once and shared with transfer; the B ablation (the identity on the base); control-diff and model-diff
+#    layerwise, with layerwise label-shuffled nulls (deciding) and Gaussian ones (descriptive), both run on the base
+#    once and shared with transfer, and its half-depth direction at every block (no nulls: descriptive); the B
+#    ablation (the identity on the base); control-diff and model-diff (descriptive)
 D=$R/medical_r1/directions.pt
 HALF=$(value half-depth "$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['n_layers'] // 2)" "$R/medical_r1/run_config.json")
 ABL=(--ablate "$D" --layerwise --direction-layer "$HALF" "${NULLS[@]}")
