@@ -101,7 +101,7 @@ def projections(model, tok, units, layers):
 def make_args(**kw):
     base = dict(no_baseline=False, steer=None, layers=None, scales=None, ablate=None, hook_layers="all",
                 layerwise=False, direction_layers=None, direction_layer=None, random_control=0, ablate_b=False,
-                seed=0, shuffled=0, steer_unit="raw")
+                seed=0, shuffled=0, steer_unit="raw", steer_choose=None)
     return SimpleNamespace(**{**base, **kw})
 
 
