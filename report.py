@@ -285,7 +285,7 @@ def em_section(run, verdicts):
     verdict, checks = decide("em", e)
     why = (f"organism − base {fmt_ci(e['shift']['mean'], e['shift']['ci']) if e['shift'] else 'n/a'}; "
            f"organism − control {fmt_ci(e['vs_control']['mean'], e['vs_control']['ci']) if e['vs_control'] else 'n/a'}"
-           f"; {e['n_seeds']} seeds")
+           f"; {e['n_seeds']} seed{'s' if e['n_seeds'] != 1 else ''}")
     if verdict != "reproduced" and e["mde"] is not None:
         why += f"; detection limit {e['mde']:.3f} (a shift smaller than this would likely be missed)"
     verdicts["em"] = (verdict, why)
