@@ -123,7 +123,7 @@ fi
 # dev on the second half (items 56-110), so no choice sees the items it is judged on
 NEUTRAL_INT=(--neutral "$R/neutral_subset.jsonl") NEUTRAL_DEV=(--neutral "$R/neutral_dev.jsonl")
 step "neutral subsets" "$R/neutral_dev.jsonl" "$PY" -c "import sys, common; rows = common.read_jsonl(sys.argv[1]); \
-common.write_jsonl(sys.argv[2], rows[:min(int(sys.argv[4]), 55)]); common.write_jsonl(sys.argv[3], rows[55:])" \
+n = min(int(sys.argv[4]) or 55, 55); common.write_jsonl(sys.argv[2], rows[:n]); common.write_jsonl(sys.argv[3], rows[55:55 + n])" \
   "$NEUTRAL" "$R/neutral_subset.jsonl" "$R/neutral_dev.jsonl" "$NEUTRAL_SUB"
 EVAL_SET=(--pairs "$PAIRS" "${NEUTRAL_SET[@]}")
 [ "$SMALL" = 1 ] && EVAL_SET=("${SUBSET[@]}" "${NEUTRAL_INT[@]}")
@@ -271,8 +271,9 @@ fi
 # 4. steering the base model: the grid on dev-select themes chooses (layer, scale); on test, the grid (Holm over it,
 #    a few random nulls per setting for the frontier plot) and the chosen setting against label-shuffled nulls
 DB=$R/medical_r1/directions_build.pt
+STEER_DEV_SET=(); [ "${SUB%%,*}" != 0 ] && STEER_DEV_SET=(--pairs-per-domain "${SUB%%,*}")  # as many as test, per domain
 step "steering grid (base, dev-select)" "$R/base/steer_dev/summary.json" "$PY" ablate_eval.py --model "$MODEL" \
-  --out "$R/base/steer_dev" --pairs "$PAIRS" --split dev-select "${NEUTRAL_DEV[@]}" --n-samples 0 \
+  --out "$R/base/steer_dev" --pairs "$PAIRS" --split dev-select "${STEER_DEV_SET[@]}" "${NEUTRAL_DEV[@]}" --n-samples 0 \
   --steer "$DB" --layers "$STEER_LAYERS" --scales "$STEER_SCALES"
 FRONTIER=(); [ "$FRONTIER_NULLS" -gt 0 ] && FRONTIER=(--random-control "$FRONTIER_NULLS")
 intervene "steering grid (base)" "$R/base/steer" --steer "$DB" --layers "$STEER_LAYERS" --scales "$STEER_SCALES" \
