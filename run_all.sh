@@ -319,4 +319,4 @@ if [ "$DRY" = 1 ]; then "$PY" dry_run.py --plan "$PLAN" --preset "$PRESET"; retu
 echo "== finished in $((SECONDS - T0))s: $R/report.md"
 }
 
-main "$@"
+main "$@"; exit $?  # on one line: bash never reads past it, so editing this file during a run is safe
