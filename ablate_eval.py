@@ -21,9 +21,10 @@ Reproduces the paper's evaluation and interventions (paper §2, §3.2-3.4; docs/
 
 Beyond the paper (docs/method.md#measurement):
 - the judge-free contrastive score on --pairs, split by domain, for every condition, on the pairs' *test* split by
-  default (directions come from dev pairs; scoring the pairs a direction was built from is refused unless
-  --allow-overlap), each figure with a bootstrap 95% interval and every effect a paired difference against the
-  unhooked model over the same pairs, with a sign-flip p-value;
+  default (directions come from dev pairs; scoring the pairs, themes or questions a direction was built from, or
+  with a direction that records no pairs at all, is refused unless --allow-overlap; a direction made for another
+  base model is refused unless --allow-model-mismatch), each figure with a theme-bootstrap 95% interval and every
+  effect a paired difference against the unhooked model over the same pairs, with a sign-flip p-value;
 - nulls: --shuffled K label-shuffled directions (stored in directions.pt by extract_direction.py) and
   --random-control K norm-matched Gaussian directions, applied the same way as the real ablation (layerwise: a
   fresh direction per layer); the real effect gets an empirical p-value against each null distribution;
