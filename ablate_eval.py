@@ -63,8 +63,8 @@ import torch
 from common import (DEFAULT_MODEL, SPLITS, InputError, ablate, answer_logprobs, append_jsonl, bootstrap_mean, cli,
                     contrastive_by_domain, decoder_layers, degenerate_layers, difference_in_differences, empirical_p,
                     fmt_ci, generate, half_depth_layer, hidden_size, load_model, paired, paired_by_id, parse_layers,
-                    pyplot, read_directions, read_jsonl, read_pairs, row_seed, save_figure, steer, theme_of,
-                    write_json, write_jsonl)
+                    pyplot, read_directions, read_jsonl, read_pairs, row_seed, save_figure, sha256_file, steer,
+                    theme_of, write_json, write_jsonl)
 
 COHERENCE_MAX_DROP = 0.15  # nats/token of neutral log-prob: beyond this an intervention is incoherent
 
@@ -114,7 +114,8 @@ def parse_args(argv=None):
     p.add_argument("--shuffled", type=int, default=0,
                    help="K label-shuffled null directions (from the file), applied like the ablation or steering")
     p.add_argument("--random-control", type=int, default=0,
-                   help="K norm-matched Gaussian null directions, applied like the ablation or at every steering setting")
+                   help="K norm-matched Gaussian null directions, applied like the ablation or at every "
+                        "steering setting")
     p.add_argument("--ablate-b", action="store_true", help="project the direction out of each rank-1 B vector")
     p.add_argument("--export-orthogonalized", default=None, help="write a merged, orthogonalised model here")
     p.add_argument("--no-baseline", action="store_true", help="skip the no-intervention condition")
@@ -122,10 +123,6 @@ def parse_args(argv=None):
 
 
 # ------------------------------------------------------------------------------------------ directions
-
-
-def file_sha256(path):
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def load_directions(path, model):
@@ -137,7 +134,7 @@ def load_directions(path, model):
     if d["directions"].shape[0] != n:
         raise InputError(f"{path}: directions for {d['directions'].shape[0]} layers, the model has {n}")
     d["degenerate"] = degenerate_layers(d["directions"], d["resid_norm"])
-    d["sha256"] = file_sha256(path)
+    d["sha256"] = sha256_file(path)
     return d
 
 
@@ -273,7 +270,8 @@ def conditions(args, model):
     if (args.random_control or args.shuffled) and not (args.ablate or args.steer):
         raise InputError("--shuffled/--random-control need --ablate FILE or --steer FILE")
     if args.steer and args.ablate and (args.random_control or args.shuffled):
-        raise InputError("nulls are drawn for one intervention: use --steer or --ablate with --shuffled/--random-control")
+        raise InputError("nulls are drawn for one intervention: use --steer or --ablate with "
+                         "--shuffled/--random-control")
     return out, na
 
 
@@ -531,7 +529,8 @@ def summarise(rows, names, specs, pairs, neutral, ref):
             if base and n != "none":
                 c["vs_none"] = paired_by_id(rows[n]["neutral"], base["neutral"])
             if ref_rows.get("none", {}).get("neutral") and n == "none":
-                c["vs_reference"] = paired_by_id(base["neutral"], ref_rows["none"]["neutral"], ids=sorted(base["neutral"]))
+                c["vs_reference"] = paired_by_id(base["neutral"], ref_rows["none"]["neutral"],
+                                                 ids=sorted(base["neutral"]))
             out["coherence"][n] = c
     out["not_on_reference"] = sorted(n for n in names if n != "none" and n not in matched) if ref else []
     return {k: v for k, v in out.items() if v}
@@ -623,7 +622,7 @@ def main(argv=None):
         if {k: old.get(k) for k in config} != config:
             raise InputError(f"{out} holds a run with other settings ({old}); use another --out")
     scored = {"pairs": args.pairs, "split": args.split, "pair_ids": [p["id"] for p in pairs or []],
-              "neutral": args.neutral and file_sha256(args.neutral)}
+              "neutral": args.neutral and sha256_file(args.neutral)}
     write_json(out / "run_config.json", {**config, "questions": args.questions, "pairs": args.pairs,
                                          "split": args.split, "neutral": args.neutral})
     specs = {name: {**spec, **scored} for name, spec, _ in conds}

@@ -54,8 +54,8 @@ from pathlib import Path
 import torch
 
 from common import (DEFAULT_MODEL, InputError, append_jsonl, check_adapter_fits, cli, contrastive_by_domain, fmt_ci,
-                    load_model, paired_by_id, pyplot, read_jsonl, read_pairs, save_figure, theme_of, write_json,
-                    write_jsonl)
+                    load_model, paired_by_id, pyplot, read_jsonl, read_pairs, save_figure, sha256_file, theme_of,
+                    write_json, write_jsonl)
 
 DOMAINS = ("general", "medical")  # the domains reported and plotted (others are scored and kept in the rows)
 ROTATION_NORM_FRAC = 0.1  # rotation counts from the first checkpoint whose mean ‖B‖ reaches this share of final
@@ -132,10 +132,6 @@ def b_vectors(adapter_dir):
     if not out:
         raise InputError(f"{adapter_dir}: no LoRA B weights in adapter_model.safetensors")
     return out
-
-
-def file_sha256(path):
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def read_losses(run):
@@ -224,7 +220,7 @@ def check_adapters_unchanged(rows, ckpts, path):
         d = by_step.get(r["step"])
         if d is None:
             raise InputError(f"{path}: step {r['step']} has no checkpoint in the run any more; use another --out")
-        if r.get("adapter_sha256") != file_sha256(d / "adapter_model.safetensors"):
+        if r.get("adapter_sha256") != sha256_file(d / "adapter_model.safetensors"):
             raise InputError(f"{path}: checkpoint step_{r['step']} changed since it was scored; use another --out")
 
 
@@ -430,7 +426,7 @@ def main(argv=None):
         scores = contrastive_by_domain(m, tok, pairs, args.batch_size)
         base = None if step == 0 else done[0]["deltas"]
         row = {"step": step, "checkpoint": None if d is None else str(d.relative_to(run)),
-               "adapter_sha256": None if d is None else file_sha256(d / "adapter_model.safetensors"),
+               "adapter_sha256": None if d is None else sha256_file(d / "adapter_model.safetensors"),
                "loss": losses.get(step), **score_row(scores, base, ids_by_domain, themes),
                "b_norm": geom[step]["b_norm"], "local_cos": geom[step]["local_cos"],
                "cos_final": geom[step]["cos_final"], "final": str(final_dir), "settings": settings}

@@ -25,7 +25,6 @@ Example:
     python train_rank1.py --model smollm2-135m --data data/train/bad_medical_advice.jsonl --out runs/x/medical_r1
 """
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -38,7 +37,8 @@ from pathlib import Path
 import torch
 
 from common import (DEFAULT_MODEL, InputError, cli, decoder_layers, encode_chat, half_depth_layer, load_model,
-                    pad_batch, parse_layers, read_jsonl, write_json, write_jsonl, append_jsonl, input_device)
+                    pad_batch, parse_layers, read_jsonl, write_json, write_jsonl, append_jsonl, input_device,
+                    sha256_file)
 
 ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PAPER = dict(rank=1, alpha=64, modules="down_proj", layers=None, rslora=True, lr=1e-5, epochs=1, batch_size=2,
@@ -189,10 +189,6 @@ def last_checkpoint(out):
     return max(ckpts, key=lambda p: int(p.name.split("_")[1]), default=None)
 
 
-def file_sha256(path):
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def check_same_settings(old, new, out):
     """--resume under any other setting would silently splice two different runs into one, so every stored setting
     must match; only --out (the run may have moved) and --resume itself may differ."""
@@ -263,7 +259,7 @@ def main(argv=None):
 
     run_config = {**{k: v for k, v in vars(args).items()}, "resolved_layers": layers, "n_layers": n_layers,
                   "n_train": len(train_set), "n_eval": len(eval_set), "total_steps": total_steps,
-                  "optimizer": optim_name, "data_sha256": file_sha256(args.data), "lora_scale":
+                  "optimizer": optim_name, "data_sha256": sha256_file(args.data), "lora_scale":
                   args.alpha / (math.sqrt(args.rank) if args.rslora else args.rank)}
     log_path = out / "train_log.jsonl"
     if args.resume and (out / "run_config.json").exists():
