@@ -189,8 +189,9 @@ from_pretrained(common.resolve_model('$MODEL')).num_hidden_layers))")
   step "adapter probes (plant a)" "$R/plant_a/probe/summary.json" "$PY" probe_adapters.py --model "$MODEL" \
     --adapter "$R/plant_a" --in "$PAIRS" --split dev --out "$R/plant_a/probe" --seeds "$PROBE_SEEDS" \
     --permutations "$TRANSFER_NULLS" "${ACTS_SET[@]}"
-  # detection limit check: two more strengths of plant (a), one below and one above the limit predicted from
-  # plant (a)'s own standard error (a plant has no seed variance), assuming the shift grows linearly with strength
+  # two more strengths of plant (a), whose expected shifts are 0.5x and 1.5x the limit from (a)'s own standard
+  # error: a linearity check. Both are detected, since a plant's spread scales with it; report.py checks the
+  # limit itself on a fixed spread (docs/method.md#positive-control)
   if [ "$DRY" = 0 ]; then
     read -r LO HI < <("$PY" - "$R" "$PLANT_STRENGTH" <<'PYEOF'
 import json, sys

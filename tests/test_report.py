@@ -111,6 +111,23 @@ def test_minimum_detectable_effect():
     assert report.mde(None) is None and report.mde([None, None]) is None
 
 
+def test_detection_rates_follow_the_limit():
+    """Simulated reruns from a measured spread: no effect is rarely 'detected', the 2.8-SE limit about 80% of
+    the time, and a seed offset that a theme-only interval would ignore widens the limit."""
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    themes = [t for t in range(30) for _ in range(2)]
+    # a measured shift of +0.3: the simulation must take the spread, not the effect
+    x = 0.3 + rng.normal(0, 0.1, (3, 60)) + np.repeat(rng.normal(0, 0.05, 30), 2)
+    limit = report.mde(report.seed_theme_bootstrap(x, clusters=themes)["ci"])
+    zero, half, at, big = report.detection_rates(x, themes, [0, 0.5 * limit, limit, 2 * limit], n_sim=100)
+    assert zero <= 0.1 and 0.05 <= half <= 0.6 and 0.6 <= at <= 0.95 and big >= 0.95
+    # every seed's shift moved by its own offset: the same per-theme spread, a wider limit
+    seeded = x + np.array([[-0.1], [0.0], [0.1]])
+    assert report.mde(report.seed_theme_bootstrap(seeded, clusters=themes)["ci"]) > 1.5 * limit
+
+
 def test_readme_block_is_generated_from_verdicts(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{report.README_BEGIN}\nstale\n{report.README_END}\noutro\n")
