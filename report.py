@@ -456,7 +456,7 @@ def ablation_evidence(s, name=None):
             "n_nulls": len(s.get("did_nulls", {}).get(family, {}).get("general", [])),
             "neutral": s.get("coherence", {}).get(name, {}).get("vs_none", {}).get("diff"),
             "mde_share": mde(did["ci"]) if share is not None else None,
-            "mde_removed": mde(did["removed"]["ci"])}
+            "mde_induced": mde(did["induced"]["ci"])}
 
 
 ABLATION_HEAD = ["| model | condition | induced shift | left after both ablated | side effect on base | share removed "
@@ -486,8 +486,8 @@ def ablation_why(e):
     limit = e["mde_share"] if e["mde_share"] is not None else None
     if limit is not None:
         why += f"; detection limit of the share {limit:.2f}"
-    elif e["mde_removed"] is not None:
-        why += f"; detection limit of the removed shift {e['mde_removed']:.3f}"
+    elif e["mde_induced"] is not None:  # no share: the induced shift itself was too small to see
+        why += f"; detection limit of the induced shift {e['mde_induced']:.3f}"
     return why
 
 
@@ -521,19 +521,20 @@ def ablation_section(run, verdicts):
 
 
 def transfer_section(run, verdicts):
-    out, per = [], {}
+    out, per, why = [], {}, {}
     for name, label in COMPARISONS.items():
         s = load(run / name / "ablate_transfer" / "summary.json")
         e = s and ablation_evidence(s)
         if not e:
             continue
         per[name] = decide("ablation", e)[0]
+        why[name] = f"{name}: {per[name]} ({ablation_why(e)})"
         out += [f"`{name}` ({label}), the organism's directions, {s['n_pairs']} test pairs: {per[name]} "
                 f"({ablation_why(e)})", "", *ABLATION_HEAD, *ablation_rows(s, name, [primary_ablation(s)]), ""]
     if not per:
         return ["not run"]
     verdict, _ = decide("transfer", {"per_finetune": per})
-    verdicts["transfer"] = (verdict, "; ".join(f"{k}: {v}" for k, v in per.items()))
+    verdicts["transfer"] = (verdict, "; ".join(why.values()))
     return out + [f"**Verdict: {verdict}.**"]
 
 
