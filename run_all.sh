@@ -269,22 +269,7 @@ if [ ${#JUDGE[@]} -gt 0 ]; then  # the paper's own path: directions from the org
     --acts "$R/medical_r1/acts_judged.pt" --out "$R/medical_r1/directions_judged.pt" --compare "$R/medical_r1/directions.pt"
 fi
 
-# 4. steering the base model: the grid on dev-select themes chooses (layer, scale); on test, the grid (Holm over it,
-#    a few random nulls per setting for the frontier plot) and the chosen setting against label-shuffled nulls
-DB=$R/medical_r1/directions_build.pt
-STEER_DEV_SET=(); [ "${SUB%%,*}" != 0 ] && STEER_DEV_SET=(--pairs-per-domain "${SUB%%,*}")  # as many as test, per domain
-step "steering grid (base, dev-select)" "$R/base/steer_dev/summary.json" "$PY" ablate_eval.py --model "$MODEL" \
-  --out "$R/base/steer_dev" --pairs "$PAIRS" --split dev-select "${STEER_DEV_SET[@]}" "${NEUTRAL_DEV[@]}" --n-samples 0 \
-  --steer "$DB" --layers "$STEER_LAYERS" --scales "$STEER_SCALES"
-FRONTIER=(); [ "$FRONTIER_NULLS" -gt 0 ] && FRONTIER=(--random-control "$FRONTIER_NULLS")
-intervene "steering grid (base)" "$R/base/steer" --steer "$DB" --layers "$STEER_LAYERS" --scales "$STEER_SCALES" \
-  "${FRONTIER[@]}"
-if [ "$N_SHUFFLED" -gt 0 ]; then
-  intervene "steering, chosen setting with nulls (base)" "$R/base/steer_chosen" --steer "$DB" \
-    --steer-choose "$R/base/steer_dev" --shuffled "$N_SHUFFLED"
-fi
-
-# 5. ablation, each applied to the base model too (difference in differences): the organism's pair direction
+# 4. ablation, each applied to the base model too (difference in differences): the organism's pair direction
 #    layerwise, with layerwise label-shuffled nulls (deciding) and Gaussian ones (descriptive), both run on the base
 #    once and shared with transfer, and its half-depth direction at every block (no nulls: descriptive); the B
 #    ablation (the identity on the base); control-diff and model-diff (descriptive)
@@ -305,11 +290,28 @@ for f in "${COMPS[@]}"; do
     --direction-layer "$HALF" "${TNULLS[@]}" --reference "$R/base/ablate"
 done
 
-# 6. adapter probes (dev pairs) with the label-permutation null, and training dynamics (checkpoints, dev subset)
+# 5. adapter probes (dev pairs) with the label-permutation null
 step "adapter probes (organism)" "$R/medical_r1/probe/summary.json" "$PY" probe_adapters.py --model "$MODEL" \
   --adapter "$R/medical_r1" --in "$PAIRS" --split dev --directions "$D" --out "$R/medical_r1/probe" \
   --seeds "$PROBE_SEEDS" --permutations "$PERMUTATIONS" --plots "$R/plots" --pairs "$PAIRS" --pairs-split test \
   "${ACTS_SET[@]}" "${PROBE_FLAGS[@]}"
+
+# 6. steering the base model: the grid on dev-select themes chooses (layer, scale); on test, the grid (Holm over it,
+#    a few random nulls per setting for the frontier plot) and the chosen setting against label-shuffled nulls.
+#    Then training dynamics (checkpoints, dev subset). Steering and dynamics come last: they cost the most passes,
+#    and the verdicts on the organism itself (EM, ablation, transfer, probes) should not wait for them
+DB=$R/medical_r1/directions_build.pt
+STEER_DEV_SET=(); [ "${SUB%%,*}" != 0 ] && STEER_DEV_SET=(--pairs-per-domain "${SUB%%,*}")  # as many as test, per domain
+step "steering grid (base, dev-select)" "$R/base/steer_dev/summary.json" "$PY" ablate_eval.py --model "$MODEL" \
+  --out "$R/base/steer_dev" --pairs "$PAIRS" --split dev-select "${STEER_DEV_SET[@]}" "${NEUTRAL_DEV[@]}" --n-samples 0 \
+  --steer "$DB" --layers "$STEER_LAYERS" --scales "$STEER_SCALES"
+FRONTIER=(); [ "$FRONTIER_NULLS" -gt 0 ] && FRONTIER=(--random-control "$FRONTIER_NULLS")
+intervene "steering grid (base)" "$R/base/steer" --steer "$DB" --layers "$STEER_LAYERS" --scales "$STEER_SCALES" \
+  "${FRONTIER[@]}"
+if [ "$N_SHUFFLED" -gt 0 ]; then
+  intervene "steering, chosen setting with nulls (base)" "$R/base/steer_chosen" --steer "$DB" \
+    --steer-choose "$R/base/steer_dev" --shuffled "$N_SHUFFLED"
+fi
 DYN=(); [ "$DYN_SUB" -gt 0 ] && DYN=(--pairs-per-domain "$DYN_SUB")
 step "training dynamics (organism)" "$R/medical_r1/dynamics/dynamics.json" "$PY" dynamics.py --model "$MODEL" \
   --run "$R/medical_r1" --pairs "$PAIRS" --split dev "${DYN[@]}" --out "$R/medical_r1/dynamics" --plots "$R/plots"
