@@ -251,11 +251,15 @@ def test_pairs(run):
 # ----------------------------------------------------------------------------------------------- EM in miniature
 
 
+def seed_deltas(rows_a, rows_b, ids):
+    """[n_seeds, n_ids] per-pair differences a_k - b_k of two models' contrastive deltas, seed by seed."""
+    return [[a["contrastive"]["deltas"][i] - b["contrastive"]["deltas"][i] for i in ids]
+            for a, b in zip(rows_a, rows_b)]
+
+
 def seed_stats(rows_a, rows_b, ids, themes):
     """Two-level bootstrap of (a_k - b_k) over seeds k and pair ids, clustered by theme."""
-    per_seed = [[a["contrastive"]["deltas"][i] - b["contrastive"]["deltas"][i] for i in ids]
-                for a, b in zip(rows_a, rows_b)]
-    return seed_theme_bootstrap(per_seed, clusters=[themes[i] for i in ids])
+    return seed_theme_bootstrap(seed_deltas(rows_a, rows_b, ids), clusters=[themes[i] for i in ids])
 
 
 def em_evidence(run):
@@ -281,8 +285,7 @@ def em_evidence(run):
                and base.get("neutral")]
     g = table.get("general")
     gen_ids = groups.get("general", [])
-    spread = ([[o["contrastive"]["deltas"][i] - base["contrastive"]["deltas"][i] for i in gen_ids] for o in org],
-              [themes[i] for i in gen_ids])
+    spread = (seed_deltas(org, [base] * len(seeds), gen_ids), [themes[i] for i in gen_ids])
     return {"n_seeds": len(seeds), "seeds": seeds, "table": table, "spread": spread,
             "shift": g and g["organism"], "shift_lo": g and g["organism"]["ci"][0],
             "vs_control": g and g["vs_control"], "vs_control_lo": g and g["vs_control"]["ci"][0],
