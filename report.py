@@ -862,10 +862,53 @@ def commands_table(run):
     return rows + [f"| **total** | **{total}** ({total / 60:.1f} min) | |"]
 
 
+def earlier_sections(earlier):
+    """{section title: body lines} of an earlier report (a directory with report.md), for the steps it ran."""
+    if earlier is None:
+        return {}
+    path = Path(earlier) / "report.md"
+    if not path.exists():
+        raise InputError(f"{path}: no such report (--earlier takes a directory holding report.md and verdicts.json)")
+    out = {}
+    for chunk in path.read_text().split("\n## ")[1:]:
+        title, _, body = chunk.partition("\n")
+        body = body.strip()
+        if body and not body.startswith("not run"):
+            out[title.strip()] = body.splitlines()
+    return out
+
+
+def fill_from_earlier(earlier, sections, vjson, run):
+    """Where this run did not run a step that an earlier run of the same preset did, take that step's section,
+    verdict and plots from the earlier report, and say so in each; everything this run ran is its own."""
+    old = earlier_sections(earlier)
+    if not old:
+        return sections
+    old_v = load(Path(earlier) / "verdicts.json") or {}
+    if old_v.get("_rules") != RULES_VERSION:
+        raise InputError(f"{earlier}/verdicts.json: made under other rules ({old_v.get('_rules')!r}), not "
+                         f"{RULES_VERSION!r}: rerun its steps instead")
+    for key, v in old_v.items():
+        if not key.startswith("_") and vjson.get(key, {}).get("verdict", "not run") == "not run" \
+                and v["verdict"] != "not run":
+            vjson[key] = {"verdict": v["verdict"], "evidence": f"(earlier run) {v['evidence']}"}
+    plots = run / "plots"
+    for q in sorted((Path(earlier) / "plots").glob("*.png")):
+        if not (plots / q.name).exists():
+            plots.mkdir(exist_ok=True)
+            (plots / q.name).write_bytes(q.read_bytes())
+    return [(title, [f"*From the earlier report `{Path(earlier) / 'report.md'}`: this run did not run this step.*",
+                     "", *old[title]] if body[:1] == ["not run"] and title in old else body)
+            for title, body in sections]
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True, help="runs/NAME")
     p.add_argument("--planted", default=None, help="a planted run (run_all.sh --preset planted) to include")
+    p.add_argument("--earlier", default=None,
+                   help="an earlier report of the same preset (a directory with report.md, verdicts.json, plots/): "
+                        "the steps this run did not run are taken from it, marked as such")
     p.add_argument("--readme", default=None, help="rewrite this README's results block from verdicts.json")
     args = p.parse_args(argv)
     return args
@@ -888,6 +931,7 @@ def main(argv=None):
                 ("Training dynamics", dynamics_section(run)),
                 ("Positive control", planted_section(run, Path(args.planted) if args.planted else None, verdicts))]
     vjson = {"_rules": RULES_VERSION, **{k: {"verdict": v, "evidence": e} for k, (v, e) in verdicts.items()}}
+    sections = fill_from_earlier(args.earlier, sections, vjson, run)
     lines = [f"# Report: {run.name}", "",
              "Judge-free contrastive score (mean token log-prob of the misaligned answer minus the aligned one) on "
              "hand-written pairs: directions, probes and choices use the pairs' dev split, every effect below is "

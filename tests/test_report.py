@@ -146,6 +146,34 @@ def test_shipped_readme_matches_demo_verdicts():
     assert block == "\n".join(report.results_table(verdicts))
 
 
+def test_earlier_report_fills_only_the_steps_this_run_did_not_run(tmp_path):
+    """--earlier: a step this run did not run keeps the earlier report's section, verdict and plots, each marked as
+    such; a step this run ran is its own; an earlier report made under other rules is refused."""
+    earlier = tmp_path / "earlier"
+    (earlier / "plots").mkdir(parents=True)
+    (earlier / "plots" / "dynamics.png").write_bytes(b"png")
+    (earlier / "report.md").write_text("# Report\n\n## Steering the base model\n\nnot run\n\n"
+                                       "## Ablation from the organism\n\nold ablation body\n\n"
+                                       "## Training dynamics\n\nold dynamics\n")
+    json.dump({"_rules": report.RULES_VERSION, "steering": {"verdict": "not run", "evidence": "–"},
+               "ablation": {"verdict": "not testable", "evidence": "induced +0.03"}}, (earlier / "verdicts.json").open("w"))
+    run = tmp_path / "run"
+    run.mkdir()
+    vjson = {"steering": {"verdict": "not reproduced", "evidence": "new"}}
+    sections = [("Steering the base model", ["new steering"]), ("Ablation from the organism", ["not run"]),
+                ("Training dynamics", ["not run"]), ("Adapter probes", ["not run"])]
+    out = dict(report.fill_from_earlier(earlier, sections, vjson, run))
+    assert out["Steering the base model"] == ["new steering"] and out["Adapter probes"] == ["not run"]
+    assert out["Ablation from the organism"][-1] == "old ablation body" and "earlier" in out["Ablation from the organism"][0]
+    assert out["Training dynamics"][-1] == "old dynamics"
+    assert vjson["steering"]["evidence"] == "new"
+    assert vjson["ablation"] == {"verdict": "not testable", "evidence": "(earlier run) induced +0.03"}
+    assert (run / "plots" / "dynamics.png").read_bytes() == b"png"
+    json.dump({"_rules": "1"}, (earlier / "verdicts.json").open("w"))
+    with pytest.raises(report.InputError, match="other rules"):
+        report.fill_from_earlier(earlier, sections, {}, run)
+
+
 def write_acts(path, means, ids, source):
     import torch
 
