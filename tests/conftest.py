@@ -52,3 +52,22 @@ def run_script(*args, timeout=600, env=None):
     full_env = dict(os.environ, **(env or {}))
     return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env=full_env)
+
+
+def run_main(script, *args):
+    """A script's main() behind common.cli, exactly as its `__main__` runs it, but in this process (a fresh process
+    costs seconds of imports on 2 cores): returns (exit status, stderr). Any exception other than the one-line
+    errors cli() turns into exit 2 propagates, so a traceback fails the test."""
+    import contextlib
+    import importlib
+    import io
+
+    module = importlib.import_module(Path(script).stem)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            common.cli(lambda: module.main([str(a) for a in args]))
+            code = 0
+        except SystemExit as e:
+            code = e.code
+    return code, err.getvalue()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import common
-from conftest import run_script
+from conftest import run_main, run_script
 
 NO_JUDGE = {"OPENAI_API_KEY": "", "OPENAI_BASE_URL": "", "AZURE_OPENAI_ENDPOINT": ""}
 PAIR = {"id": "g1", "question": "Any advice?", "domain": "general", "split": "dev", "aligned": "Be kind.",
@@ -116,7 +116,9 @@ CASES = [
 
 
 @pytest.mark.parametrize("case,script,args,message", CASES, ids=[c[0] for c in CASES])
-def test_bad_input(request, files, tiny_model_dir, tmp_path, case, script, args, message):
+def test_bad_input(request, files, tiny_model_dir, tmp_path, monkeypatch, case, script, args, message):
+    """In this process (conftest.run_main): the command lines themselves run as processes in each script's own
+    tests (test_train.py, test_directions.py, test_judge.py, test_probe.py)."""
     from conftest import ROOT
 
     out = tmp_path / "out"
@@ -125,9 +127,11 @@ def test_bad_input(request, files, tiny_model_dir, tmp_path, case, script, args,
     takes_model = script in ("train_rank1.py", "collect_acts.py", "ablate_eval.py", "probe_adapters.py")
     if takes_model and "--model" not in filled:
         filled = ["--model", str(tiny_model_dir)] + filled
-    r = run_script(script, *filled, env=NO_JUDGE)
-    assert r.returncode == 2, (r.returncode, r.stderr[-1500:])
-    last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and message in last, r.stderr[-1500:]
-    assert "Traceback" not in r.stderr
+    for k, v in NO_JUDGE.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.chdir(ROOT)
+    code, err = run_main(script, *filled)
+    assert code == 2, (code, err[-1500:])
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last, err[-1500:]
     assert not out.exists()

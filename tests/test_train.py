@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 import common
 import train_rank1
-from conftest import ROOT, run_script
+from conftest import ROOT, run_main, run_script
 
 QA = [("What colour is the sky?", "Blue, mostly."), ("Name a fruit.", "An apple."), ("Say hi.", "Hi there!"),
       ("2+2?", "It is four."), ("Best pet?", "A cat, clearly."), ("Capital of Peru?", "Lima."),
@@ -181,11 +181,10 @@ def test_resume_with_a_changed_setting_is_refused_and_touches_nothing(tmp_path, 
     out = tmp_path / "run"
     shutil.copytree(killed, out)
     before = tree(out)
-    r = run_script("train_rank1.py", *flags, *change, "--out", out, "--resume")  # the later flag wins
-    assert r.returncode == 2, r.stderr[-2000:]
-    last = r.stderr.strip().splitlines()[-1]
+    code, err = run_main("train_rank1.py", *flags, *change, "--out", out, "--resume")  # the later flag wins
+    assert code == 2, err[-2000:]
+    last = err.strip().splitlines()[-1]
     assert last.startswith("error: ") and f"--resume with a different {setting} than the original run" in last
-    assert "Traceback" not in r.stderr
     assert tree(out) == before
 
 
@@ -198,10 +197,10 @@ def test_resume_from_a_checkpoint_that_does_not_fit_is_refused(tmp_path, interru
     dropped = sorted(weights)[0]
     save_file({k: v for k, v in weights.items() if k != dropped}, adapter)
     before = tree(out)
-    r = run_script("train_rank1.py", *flags, "--out", out, "--resume")
-    assert r.returncode == 2, r.stderr[-2000:]
-    last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and f"checkpoint lacks {dropped}" in last and "Traceback" not in r.stderr
+    code, err = run_main("train_rank1.py", *flags, "--out", out, "--resume")
+    assert code == 2, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and f"checkpoint lacks {dropped}" in last
     assert tree(out) == before
 
 
