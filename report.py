@@ -806,9 +806,7 @@ def planted_section(run, planted, verdicts):
             for k, (v, why) in PLANT_EXPECTED.items()]
     if not planted or not (planted / "report.md").exists():
         return ["not run here: `bash run_all.sh --preset planted` (docs/planted/report.md holds the last run)"]
-    text = (planted / "report.md").read_text()
-    body = text.split("## Positive control", 1)[1].split("\n## ", 1)[0] if "## Positive control" in text else ""
-    return [f"From the planted run `{planted}`:", body.strip()]
+    return [f"From the planted run `{planted}`:", report_sections(planted / "report.md").get("Positive control", "")]
 
 
 # ----------------------------------------------------------------------------------------------- the report
@@ -862,26 +860,21 @@ def commands_table(run):
     return rows + [f"| **total** | **{total}** ({total / 60:.1f} min) | |"]
 
 
-def earlier_sections(earlier):
-    """{section title: body lines} of an earlier report (a directory with report.md), for the steps it ran."""
-    if earlier is None:
-        return {}
-    path = Path(earlier) / "report.md"
-    if not path.exists():
-        raise InputError(f"{path}: no such report (--earlier takes a directory holding report.md and verdicts.json)")
-    out = {}
-    for chunk in path.read_text().split("\n## ")[1:]:
-        title, _, body = chunk.partition("\n")
-        body = body.strip()
-        if body and not body.startswith("not run"):
-            out[title.strip()] = body.splitlines()
-    return out
+def report_sections(path):
+    """{section title: its body, stripped} of a report.md this script wrote."""
+    chunks = (c.partition("\n") for c in Path(path).read_text().split("\n## ")[1:])
+    return {title.strip(): body.strip() for title, _, body in chunks}
 
 
 def fill_from_earlier(earlier, sections, vjson, run):
     """Where this run did not run a step that an earlier run of the same preset did, take that step's section,
     verdict and plots from the earlier report, and say so in each; everything this run ran is its own."""
-    old = earlier_sections(earlier)
+    if earlier is None:
+        return sections
+    path = Path(earlier) / "report.md"
+    if not path.exists():
+        raise InputError(f"{path}: no such report (--earlier takes a directory holding report.md and verdicts.json)")
+    old = {t: b.splitlines() for t, b in report_sections(path).items() if b and not b.startswith("not run")}
     if not old:
         return sections
     old_v = load(Path(earlier) / "verdicts.json") or {}
@@ -897,7 +890,7 @@ def fill_from_earlier(earlier, sections, vjson, run):
         if not (plots / q.name).exists():
             plots.mkdir(exist_ok=True)
             (plots / q.name).write_bytes(q.read_bytes())
-    return [(title, [f"*From the earlier report `{Path(earlier) / 'report.md'}`: this run did not run this step.*",
+    return [(title, [f"*From the earlier report `{path}`: this run did not run this step.*",
                      "", *old[title]] if body[:1] == ["not run"] and title in old else body)
             for title, body in sections]
 

@@ -134,4 +134,5 @@ def test_bad_input(request, files, tiny_model_dir, tmp_path, monkeypatch, case, 
     assert code == 2, (code, err[-1500:])
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last, err[-1500:]
+    assert "Traceback" not in err
     assert not out.exists()
