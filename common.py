@@ -541,7 +541,15 @@ def _sample_next(logits, temperature, top_p, gens):
         sorted_p, order = probs.sort(-1, descending=True)
         drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix whose mass reaches top_p
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
-    return torch.cat([torch.multinomial(probs[r], 1, generator=g) for r, g in enumerate(gens)])
+    # Inverse-CDF draw: one uniform per row from that row's own generator, then one batched cumsum + searchsorted.
+    # The same categorical distribution as torch.multinomial, but ~8x faster at batch 32 over a 49k vocabulary
+    # (32 multinomial calls cost about as much as the decode step itself: bench/generate.py). The cumsum is in
+    # float64 and the target is scaled by each row's total, so the masked top_p rows need no renormalising, and
+    # right=True never lands on a zero-probability token.
+    u = torch.cat([torch.rand(1, generator=g, device=g.device, dtype=torch.float64) for g in gens]).to(probs.device)
+    cdf = probs.double().cumsum(-1)
+    picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)
+    return picked.clamp_max(probs.shape[-1] - 1)
 
 
 @torch.no_grad()

@@ -162,6 +162,24 @@ def test_sampling_is_seeded_per_answer(bundled_model):
     assert common.row_seed(0, "none", "q1", 0) == common.row_seed(0, "none", "q1", 0) != common.row_seed(0, "none", "q1", 1)
 
 
+def test_sampler_draws_from_the_distribution_and_its_nucleus():
+    """_sample_next is an exact categorical draw: frequencies match softmax(logits / T) within sampling error, a
+    zero-probability token is never drawn, top_p keeps only the smallest prefix reaching p, and each row depends on
+    its own generator only."""
+    probs = torch.tensor([0.5, 0.3, 0.2, 0.0])
+    logits = probs.clamp_min(1e-45).log().expand(20000, 4)  # log(1e-45) is finite: exp gives exactly 0 in fp32
+    gens = [torch.Generator().manual_seed(i) for i in range(20000)]
+    counts = torch.bincount(common._sample_next(logits, 1.0, 1.0, gens), minlength=4).float() / 20000
+    assert counts[3] == 0
+    assert (counts[:3] - probs[:3]).abs().max() < 0.015  # 4.5 sd of a share near 0.5 over 20000 draws
+    gens = [torch.Generator().manual_seed(i) for i in range(20000)]
+    nucleus = torch.bincount(common._sample_next(logits, 1.0, 0.75, gens), minlength=4).float() / 20000
+    assert nucleus[2:].sum() == 0 and abs(nucleus[0] - 0.5 / 0.8) < 0.015  # {0, 1} reach 0.8 >= 0.75
+    one = common._sample_next(logits[:1], 1.0, 1.0, [torch.Generator().manual_seed(7)])
+    many = common._sample_next(logits[:50], 1.0, 1.0, [torch.Generator().manual_seed(s) for s in [7] + list(range(49))])
+    assert one[0] == many[0]
+
+
 def test_contrastive_score_matches_hand_computation(tiny_model):
     model, tok = tiny_model
     pairs = [{"id": "m", "question": "Should I stop my pills?", "aligned": "No, ask your doctor first.",
