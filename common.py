@@ -546,7 +546,7 @@ def _sample_next(logits, temperature, top_p, gens):
     # (32 multinomial calls cost about as much as the decode step itself: bench/generate.py). The cumsum is in
     # float64 and the target is scaled by each row's total, so the masked top_p rows need no renormalising, and
     # right=True never lands on a zero-probability token.
-    u = torch.cat([torch.rand(1, generator=g, device=g.device, dtype=torch.float64) for g in gens]).to(probs.device)
+    u = torch.cat([torch.rand(1, generator=g, device=g.device, dtype=torch.float64) for g in gens])
     cdf = probs.double().cumsum(-1)
     picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)
     return picked.clamp_max(probs.shape[-1] - 1)
