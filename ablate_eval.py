@@ -27,7 +27,8 @@ Beyond the paper (docs/method.md#measurement):
   effect a paired difference against the unhooked model over the same pairs, with a sign-flip p-value;
 - nulls: --shuffled K label-shuffled directions (stored in directions.pt by extract_direction.py) and
   --random-control K norm-matched Gaussian directions, applied the same way as the real ablation (layerwise: a
-  fresh direction per layer); the real effect gets an empirical p-value against each null distribution;
+  fresh direction per layer); the real effect gets an empirical p-value against each null distribution
+  (ablation nulls score the general pairs only, where every verdict reads them);
 - --reference DIR (the same interventions run on the base model): the fine-tune's induced shift over base and, for
   every condition the reference also ran, the difference in differences: what is left of the shift when both
   models get the intervention, (organism_int - base_int), the side effect on the base (base_int - base), and the
@@ -417,10 +418,21 @@ def sample_condition(model, tok, args, name, ctx, questions, path, done, sid):
     bar.close()
 
 
-def skip_neutral(spec):
-    """Ablation nulls decide by the pairs alone, so they skip the neutral text (a third of a pass); steering nulls
-    keep it: the frontier plot places them by their coherence too."""
+NULL_DOMAIN = "general"  # the pairs every null p-value and verdict is computed on
+
+
+def ablation_null(spec):
+    """Ablation nulls decide by the general pairs alone (the null p of every verdict), so they score only those and
+    skip the neutral text: at the interventions' 12 general + 4 medical pairs and 30 neutral answers, under half a
+    pass. Steering nulls keep both: the frontier plot places them by their coherence too."""
     return spec["kind"].startswith("null_") and spec.get("mode") != "steer"
+
+
+def scored_items(spec, pairs, neutral):
+    """(pairs, neutral) a condition is scored on: all of them, or the general pairs only for an ablation null."""
+    if not ablation_null(spec):
+        return pairs, neutral
+    return [p for p in pairs or [] if p["domain"] == NULL_DOMAIN] or pairs, None
 
 
 def score_condition(model, tok, ctx, pairs, neutral):
@@ -500,9 +512,15 @@ def summarise(rows, names, specs, pairs, neutral, ref):
         def vals(row):
             return [row["contrastive"]["deltas"][i] for i in ids]
 
+        def scored(row):  # ablation nulls scored the general pairs only
+            return all(i in row.get("contrastive", {}).get("deltas", {}) for i in ids)
+
         if base:
-            out["effects"][d] = {n: paired(vals(rows[n]), vals(base), clusters=clusters) for n in names if n != "none"}
+            out["effects"][d] = {n: paired(vals(rows[n]), vals(base), clusters=clusters) for n in names
+                                 if n != "none" and scored(rows[n])}
             for fam, members, real, sign in families:
+                if not all(m in out["effects"][d] for m in members):
+                    continue
                 null_eff = [out["effects"][d][m]["diff"] for m in members]
                 out["nulls"].setdefault(fam, {})[d] = null_eff
                 for n in real:
@@ -512,9 +530,9 @@ def summarise(rows, names, specs, pairs, neutral, ref):
             r0 = vals(ref_rows["none"])
             out["reference_shift"][d] = paired(vals(base), r0, clusters=clusters)
             out["did"][d] = {n: difference_in_differences(vals(base), r0, vals(rows[n]), vals(m), clusters=clusters)
-                             for n, m in matched.items()}
+                             for n, m in matched.items() if scored(rows[n]) and scored(m)}
             for fam, members, real, sign in families:
-                if sign < 0 or not all(m in matched for m in members):
+                if sign < 0 or not all(m in out["did"][d] for m in members):
                     continue  # steering acts on one model; a null not run on the reference has no DiD
                 removed = [out["did"][d][m]["removed"]["diff"] for m in members]
                 out["did_nulls"].setdefault(fam, {})[d] = removed
@@ -572,7 +590,7 @@ def make_plots(summary, plots):
             err = [[y - eff[n]["ci"][0] for y, n in zip(ys, sweep)], [eff[n]["ci"][1] - y for y, n in zip(ys, sweep)]]
             ax.errorbar([int(n[8:]) for n in sweep], ys, yerr=err, marker="o", capsize=3, label="ablate v_L (95% CI)")
             for k, (fam, by_d) in enumerate(summary.get("nulls", {}).items()):
-                ax.scatter([-1 - k] * len(by_d[d]), by_d[d], s=8, alpha=0.5, label=f"{fam} nulls")
+                ax.scatter([-1 - k] * len(by_d.get(d, [])), by_d.get(d, []), s=8, alpha=0.5, label=f"{fam} nulls")
             if "ablate_layerwise" in eff:
                 ax.axhline(eff["ablate_layerwise"]["diff"], color="C1", ls="--", label="layerwise")
             ax.axhline(0, color="black", lw=0.5)
@@ -644,7 +662,7 @@ def main(argv=None):
         print(f"[{i}/{len(conds)}] {name}", flush=True)
         if (pairs or neutral) and name not in rows:
             rows[name] = {"intervention": name, "spec": sids[name], "spec_detail": specs[name],
-                          **score_condition(model, tok, ctx, pairs, None if skip_neutral(specs[name]) else neutral)}
+                          **score_condition(model, tok, ctx, *scored_items(specs[name], pairs, neutral))}
             append_jsonl(contr_path, [rows[name]])
         if questions:
             sample_condition(model, tok, args, name, ctx, questions, resp_path, done, sids[name])

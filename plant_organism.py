@@ -43,7 +43,7 @@ as (a) at a later block (a second fine-tune, for transfer).
 Inputs:  a directions file (.pt, .gguf or .safetensors, common.read_directions), the contrastive pairs (--pairs,
          --split dev; never test: the plant's effect is measured there).
 Outputs (in --out, written to a temp dir and renamed into place):
-         adapter_config.json + adapter_model.safetensors (a standard PEFT adapter),
+         adapter_config.json + adapter_model.safetensors (a standard PEFT adapter), fit_stats.pt (the base pass),
          run_config.json (train_rank1.py's keys that other scripts read: model, n_layers, layers, resolved_layers,
          rank, alpha, rslora, modules, lora_scale; plus "planted": blocks, strength, resid_norm, s, u source,
          cos(u, source direction), A·x statistics, and the model-diff check),
@@ -51,6 +51,11 @@ Outputs (in --out, written to a temp dir and renamed into place):
          ablates the known u and extract_direction.py --compare compares with it; plus "u", "A", "s" per block).
 
 --rescale DIR --strength S writes DIR's plant at another strength (B scaled by S / its strength; no model pass).
+
+--fit-from DIR builds a plant from DIR's base-model pass (DIR/fit_stats.pt, which every plant writes: the mean
+down_proj input at every block and the residual norms over the fit tokens), so a second plant on the same model and
+fit pairs costs no base pass; it also skips the check pass (run_config.json "planted"."model_diff" and "ax" are
+null). The write is exact by construction (tests/test_plant.py), and the first plant's check measured this fit.
 
 Example:
     python collect_acts.py --in data/eval/contrastive_pairs.jsonl --split dev --out runs/x/base/acts_pairs.pt
@@ -88,6 +93,9 @@ def parse_args(argv=None):
     p.add_argument("--split", default="dev", help="the pairs A and the norms are fit on (dev; never test)")
     p.add_argument("--pairs-per-domain", type=int, default=None, help="a fixed subset of N pairs per domain (0: all)")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--fit-from", default=None,
+                   help="an earlier plant of the same model and fit pairs: reuse its base-model pass (fit_stats.pt) "
+                        "and skip the check pass")
     p.add_argument("--rescale", default=None,
                    help="an existing plant: write the same plant at --strength (B scaled; no model pass needed)")
     return p.parse_args(argv)
@@ -117,6 +125,21 @@ def fit_pairs(args):
     if any(r.get("split") == "test" for r in rows):
         raise InputError(f"{args.pairs}: --split {args.split} includes test pairs; fit the plant on dev pairs only")
     return rows, [(r["question"], r[side]) for r in rows for side in ("aligned", "misaligned")]
+
+
+def reused_fit(path, args, rows):
+    """The base-model pass of an earlier plant (its fit_stats.pt), refused unless it was made on the same model and
+    the same fit pairs (then its sums are exactly what this plant's own base pass would give)."""
+    f = Path(path) / "fit_stats.pt"
+    if not f.is_file():
+        raise InputError(f"--fit-from {path}: no fit_stats.pt there (not a plant_organism.py output)")
+    st = torch.load(f, weights_only=False)
+    want = {"model": args.model, "pair_ids": [r["id"] for r in rows]}
+    if {k: st.get(k) for k in want} != want:
+        raise InputError(f"--fit-from {path}: it was fit on another model or other pairs ({st.get('model')}, "
+                         f"{len(st.get('pair_ids', []))} pairs); give the same --model, --pairs, --split and "
+                         f"--pairs-per-domain")
+    return st
 
 
 def model_shape(name):
@@ -303,6 +326,7 @@ def main(argv=None):
     layer = blocks[0] if args.direction_layer is None else args.direction_layer
     v, src_meta = source_direction(src_path, layer, n_layers, width)
     u = planted_direction(v, args.orthogonal_to is not None, args.seed)
+    reused = reused_fit(args.fit_from, args, rows) if args.fit_from else None  # checked before the model loads
     model, tok = load_model(args.model)
     assert (len(decoder_layers(model)), hidden_size(model)) == (n_layers, width), "config and model disagree"
 
@@ -317,7 +341,8 @@ def main(argv=None):
     for b in blocks:  # every plant off: the PEFT model computes exactly the base model
         d_mlp = lora_modules(model, b).in_features
         set_plant(model, b, torch.zeros(d_mlp), torch.zeros(width))
-    base = measure(model, tok, items, args.batch_size, x_blocks=blocks[:1], desc="base")
+    # the base pass records down_proj's mean input at every block, so a later plant can reuse it (--fit-from)
+    base = reused or measure(model, tok, items, args.batch_size, x_blocks=range(n_layers), desc="base")
     n = base["n"]
     resid_norm = base["sum_norm"] / n  # [n_layers], the base model's mean ‖h‖ at each block's output
     A, s, m_norm = {}, {}, {}
@@ -329,10 +354,16 @@ def main(argv=None):
             raise InputError(f"block {b}: down_proj's mean input over the fit tokens is zero; no A to fit")
         A[b], s[b], m_norm[b] = (m / m.dot(m)).float(), float(args.strength * resid_norm[b]), float(m.norm())
         set_plant(model, b, A[b], s[b] * u)
-    planted = measure(model, tok, items, args.batch_size, x_blocks=blocks, A=A, desc="planted")
-    diff = (planted["sum_h"] - base["sum_h"]) / n  # the model-diff direction on the fit texts (paper §3.5)
-    cos = {b: float(torch.nn.functional.cosine_similarity(diff[b], u.double(), dim=0)) for b in blocks}
-    below = diff[:blocks[0]].norm(dim=-1).max().item() if blocks[0] > 0 else 0.0
+    check = None
+    if not args.fit_from:  # the check pass: what the planted model writes, measured
+        planted = measure(model, tok, items, args.batch_size, x_blocks=blocks, A=A, desc="planted")
+        diff = (planted["sum_h"] - base["sum_h"]) / n  # the model-diff direction on the fit texts (paper §3.5)
+        check = {"ax": planted["ax"],
+                 "model_diff": {"cos_with_u": {b: float(torch.nn.functional.cosine_similarity(diff[b], u.double(),
+                                                                                              dim=0)) for b in blocks},
+                                "norm_over_s": {b: float(diff[b].norm() / s[b]) for b in blocks},
+                                "max_norm_below_first_block": diff[:blocks[0]].norm(dim=-1).max().item()
+                                if blocks[0] > 0 else 0.0}}
 
     out = Path(args.out)
     info = {"blocks": blocks, "strength": args.strength, "resid_norm": {b: float(resid_norm[b]) for b in blocks},
@@ -344,9 +375,8 @@ def main(argv=None):
             "cos_u_direction_at_blocks": {b: float(torch.nn.functional.cosine_similarity(u, d, dim=0))
                                           for b, d in planted_dirs(src_path, blocks).items()},
             "u_file": "planted_u.pt", "A": "A = m/|m|^2, m = mean down_proj input over the fit answer tokens",
-            "mean_input_norm": m_norm, "ax": planted["ax"],
-            "model_diff": {"cos_with_u": cos, "norm_over_s": {b: float(diff[b].norm() / s[b]) for b in blocks},
-                           "max_norm_below_first_block": below},
+            "mean_input_norm": m_norm, "ax": check and check["ax"], "model_diff": check and check["model_diff"],
+            "fit_from": args.fit_from,
             "fit": {"pairs": args.pairs, "split": args.split, "pairs_per_domain": args.pairs_per_domain,
                     "n_pairs": len(rows), "n_answers": len(items), "n_tokens": n, "pair_ids": [r["id"] for r in rows]}}
     run_config = {"kind": "planted", "model": args.model, "out": args.out, "preset": "planted",
@@ -365,19 +395,21 @@ def main(argv=None):
     try:
         model.save_pretrained(tmp)
         torch.save(u_file, tmp / "planted_u.pt")
+        torch.save({"model": args.model, "pair_ids": [r["id"] for r in rows],
+                    **{k: base[k] for k in ("n", "sum_h", "sum_norm", "sum_x")}}, tmp / "fit_stats.pt")
         write_json(tmp / "run_config.json", run_config)
         if out.exists():
             out.rmdir()  # empty (check_args): the rename below then puts the finished directory in its place
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    ax = planted["ax"]
+    measured = "; base pass and check reused from " + args.fit_from if not check else (
+        "; A.x > 0 on " + ", ".join(f"{check['ax'][b]['share_positive']:.1%}" for b in blocks) + f" of {n} answer "
+        "tokens (min " + ", ".join(f"{check['ax'][b]['min']:.2f}" for b in blocks) + "); model-diff cos with u "
+        + ", ".join(f"{check['model_diff']['cos_with_u'][b]:.4f}" for b in blocks))
     print(f"planted {out}: u = {'orthogonal to' if args.orthogonal_to else 'unit'} directions[{layer}] of "
           f"{src_path} (cos {info['cos_u_source']:+.3f}) at block(s) {blocks}, s = {args.strength} x resid norm "
-          + ", ".join(f"{resid_norm[b]:.2f} = {s[b]:.2f}" for b in blocks) + "; A.x > 0 on "
-          + ", ".join(f"{ax[b]['share_positive']:.1%}" for b in blocks) + f" of {n} answer tokens (min "
-          + ", ".join(f"{ax[b]['min']:.2f}" for b in blocks) + "); model-diff cos with u "
-          + ", ".join(f"{cos[b]:.4f}" for b in blocks) + f"; {time.time() - t0:.1f}s")
+          + ", ".join(f"{resid_norm[b]:.2f} = {s[b]:.2f}" for b in blocks) + measured + f"; {time.time() - t0:.1f}s")
 
 
 if __name__ == "__main__":

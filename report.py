@@ -710,9 +710,18 @@ def dynamics_section(run):
 PLANT_EXPECTED = {
     "em": ("not testable", "a plant has one 'seed': the rule needs 3; its shift is in the recovery table"),
     "steering": ("not run", "steering acts on the base model with a pair direction: no plant changes it"),
-    "ablation": ("reproduced", "ablating the recovered direction (its planted-block row, at every block) from plant "
-                               "(a) and from the base removes all of (a)'s shift; Gaussian nulls remove ~0"),
-    "transfer": ("reproduced", "(a)'s recovered direction removes (c)'s shift; (b) has no shift: not testable"),
+    # Revised after the first planted run, which expected "reproduced" for both and got "partly": ablating u
+    # removes all of the plant and the nulls ~0, but u is the base model's own direction, and projecting it out of
+    # every block costs the untouched base -1.5 nats/token of neutral log-prob (-3786 of it sits on the first
+    # token's massive activation; -0.6 remains without that token). The coherence clause must fail, as it does for
+    # every activation ablation of the demo (-0.24 to -4.7): this model cannot give "reproduced" there.
+    "ablation": ("partly", "ablating the recovered direction (its planted-block row, at every block) from plant "
+                           "(a) and from the base removes all of (a)'s shift, beyond the Gaussian nulls (~0); "
+                           "removing u costs the base itself > 0.15 nats/token, so the coherence clause fails"),
+    "transfer": ("partly", "(a)'s recovered direction removes all of (c)'s shift, beyond the nulls, with the same "
+                           "coherence cost as (a); (c)'s shift must clear 0: at strength 0.1 it did "
+                           "not (z ≈ 1.6 on 12 themes); here 16 themes, and (a)'s z grew with strength (2.6, 3.1, 3.5 at "
+                           "0.045, 0.1, 0.135)"),
     "convergence": ("not testable", "no seeds"),
     "specialisation": ("not reproduced", "the planted scalar A·x does not depend on the label, so the "
                                          "aligned-vs-misaligned probe sits at chance (AUC gate fails)"),
@@ -768,6 +777,16 @@ def recovery_section(run):
                 out.append(f"| share removed by {len(nulls)} {e['null_family']} nulls, {name} | ≈ 0 | mean "
                            f"{sum(null_share) / len(null_share):+.2f}, range {min(null_share):+.2f} to "
                            f"{max(null_share):+.2f} | {'yes' if max(abs(x) for x in null_share) < 0.5 else 'no'} |")
+        if name == ORGANISM and e:
+            # why the ablation rule reads "partly": the cost of removing u from the untouched base model alone
+            cond = primary_ablation(s)
+            alone = (load(run / "base" / "ablate" / "summary.json") or {}).get("coherence", {}).get(cond, {})
+            if alone.get("vs_none") and e["neutral"] is not None:
+                drop = alone["vs_none"]["diff"]
+                out.append(f"| neutral log-prob change under that ablation: the base alone / {name} | a fall of more "
+                           f"than {COHERENCE_MAX_DROP} on both: u is the base model's own direction (revised after "
+                           f"the first run) | {drop:+.3f} / {e['neutral']:+.3f} nats/token | "
+                           f"{'yes' if drop < -COHERENCE_MAX_DROP else 'no'} |")
     checks = []
     for w in ("lo", "hi"):
         s = load(run / f"{ORGANISM}_{w}" / "eval" / "summary.json")

@@ -65,7 +65,7 @@ case "$PRESET" in
     N_SHUFFLED=0 N_RANDOM=0 TRANSFER_NULLS=0 FRONTIER_NULLS=0 PROBE_SEEDS=3 PERMUTATIONS=0
     STEER_LAYERS=15 STEER_SCALES=0.1,0.5 ;;
   planted)
-    PLANTED=1 SEEDS=1 SUB=12,4 NEUTRAL_SUB=30 DEV_SUB=24 PLANT_STRENGTH=0.1 PROBE_SEEDS=5 TRANSFER_NULLS=20 ;;
+    PLANTED=1 SEEDS=1 SUB=16,0 NEUTRAL_SUB=20 DEV_SUB=12 PLANT_STRENGTH=0.2 PROBE_SEEDS=5 TRANSFER_NULLS=20 ;;
   paper)
     MODEL=Qwen/Qwen2.5-14B-Instruct
     if [ "$DRY" = 0 ]; then
@@ -150,8 +150,8 @@ NULLS=(); [ "$N_SHUFFLED" -gt 0 ] && NULLS=(--shuffled "$N_SHUFFLED" --random-co
 if [ "$PLANTED" = 1 ]; then
   # The positive control (docs/method.md#positive-control): (a) the base model's own dev-pair direction planted at
   # half depth, (b) a unit direction orthogonal to it at the same block (the control), (c) the same direction two
-  # blocks later (a second fine-tune, for transfer). Roles for report.py: a is the organism, b its control, b and
-  # c the comparison fine-tunes.
+  # blocks later (a second fine-tune, for transfer). Roles for report.py: a is the organism, b its control, c the
+  # comparison fine-tune.
   acts base acts_pairs.pt
   step "direction base" "$R/base/directions.pt" "$PY" extract_direction.py --acts "$R/base/acts_pairs.pt" \
     --out "$R/base/directions.pt"
@@ -161,14 +161,14 @@ from_pretrained(common.resolve_model('$MODEL')).num_hidden_layers))")
   PLANT=(--model "$MODEL" --pairs "$PAIRS" --split dev --pairs-per-domain "$DEV_SUB" --strength "$PLANT_STRENGTH")
   step "plant a" "$R/plant_a/adapter_model.safetensors" "$PY" plant_organism.py "${PLANT[@]}" \
     --direction "$R/base/directions.pt" --direction-layer "$H" --blocks "$H" --out "$R/plant_a"
+  # (b) and (c) reuse (a)'s base-model pass: same model, same fit pairs
   step "plant b" "$R/plant_b/adapter_model.safetensors" "$PY" plant_organism.py "${PLANT[@]}" \
-    --orthogonal-to "$R/base/directions.pt" --direction-layer "$H" --blocks "$H" --out "$R/plant_b"
+    --orthogonal-to "$R/base/directions.pt" --direction-layer "$H" --blocks "$H" --fit-from "$R/plant_a" \
+    --out "$R/plant_b"
   step "plant c" "$R/plant_c/adapter_model.safetensors" "$PY" plant_organism.py "${PLANT[@]}" \
-    --direction "$R/base/directions.pt" --direction-layer "$H" --blocks "$C" --out "$R/plant_c"
-  [ "$DRY" = 1 ] || printf '{"organism": "plant_a", "control": "plant_b", "comparisons": {"plant_b": "plant (b), orthogonal direction", "plant_c": "plant (c), same direction %s blocks later"}}\n' 2 > "$R/roles.json"
-  EVAL_SET=("${SUBSET[@]}" "${NEUTRAL_INT[@]}")
-  evaluate base
-  for f in plant_a plant_b plant_c; do evaluate "$f" --adapter "$R/$f" --reference "$R/base/eval"; done
+    --direction "$R/base/directions.pt" --direction-layer "$H" --blocks "$C" --fit-from "$R/plant_a" \
+    --out "$R/plant_c"
+  [ "$DRY" = 1 ] || printf '{"organism": "plant_a", "control": "plant_b", "comparisons": {"plant_c": "plant (c), same direction %s blocks later"}}\n' 2 > "$R/roles.json"
   acts plant_a acts_pairs.pt --adapter "$R/plant_a"
   step "model-diff direction plant_a" "$R/plant_a/directions_modeldiff.pt" "$PY" extract_direction.py \
     --acts "$R/plant_a/acts_pairs.pt" --minus "$R/base/acts_pairs.pt" --out "$R/plant_a/directions_modeldiff.pt" \
@@ -176,16 +176,21 @@ from_pretrained(common.resolve_model('$MODEL')).num_hidden_layers))")
   # the recovered direction at the planted block, ablated at every block from both models (the paper's one
   # direction everywhere: it is u itself, where a layerwise model-diff above the plant is u carried through the
   # blocks, which (c) does not write), with 20 Gaussian nulls (a model-diff direction has no labels to shuffle);
-  # the base passes are shared by the transfer runs (same conditions, same specs)
+  # the base passes are shared by the transfer runs (same conditions, same specs). Each run's no-intervention
+  # condition is that model's evaluation (the test subset and the neutral text), so the run is written to eval/
+  # and ablate/ names the same directory: one pass, not two
   D=$R/plant_a/directions_modeldiff.pt
   ABL=(--ablate "$D" --direction-layer "$H" --random-control "$TRANSFER_NULLS")
-  intervene "ablation (base, planted direction)" "$R/base/ablate" "${ABL[@]}"
-  intervene "ablation (plant a)" "$R/plant_a/ablate" --adapter "$R/plant_a" "${ABL[@]}" --reference "$R/base/ablate"
-  intervene "transfer ablation (plant_c)" "$R/plant_c/ablate_transfer" --adapter "$R/plant_c" "${ABL[@]}" \
-    --reference "$R/base/ablate"
-  # (b) has no shift to remove (not testable whatever its nulls say): the real ablation only
-  intervene "transfer ablation (plant_b)" "$R/plant_b/ablate_transfer" --adapter "$R/plant_b" --ablate "$D" \
-    --direction-layer "$H" --reference "$R/base/ablate"
+  intervene "ablation (base, planted direction)" "$R/base/eval" "${ABL[@]}"
+  intervene "ablation (plant a)" "$R/plant_a/eval" --adapter "$R/plant_a" "${ABL[@]}" --reference "$R/base/eval"
+  intervene "transfer ablation (plant_c)" "$R/plant_c/eval" --adapter "$R/plant_c" "${ABL[@]}" \
+    --reference "$R/base/eval"
+  [ "$DRY" = 1 ] || { ln -sfn eval "$R/base/ablate"; ln -sfn eval "$R/plant_a/ablate"
+                      ln -sfn eval "$R/plant_c/ablate_transfer"; }
+  # (b), the negative control, has no shift to remove (no ablation verdict whatever its nulls say): its
+  # evaluation only, for its shift and the em rule's control
+  EVAL_SET=("${SUBSET[@]}" "${NEUTRAL_INT[@]}")
+  evaluate plant_b --adapter "$R/plant_b" --reference "$R/base/eval"
   step "adapter probes (plant a)" "$R/plant_a/probe/summary.json" "$PY" probe_adapters.py --model "$MODEL" \
     --adapter "$R/plant_a" --in "$PAIRS" --split dev --out "$R/plant_a/probe" --seeds "$PROBE_SEEDS" \
     --permutations "$TRANSFER_NULLS" "${ACTS_SET[@]}"
@@ -205,6 +210,7 @@ else:  # no detected shift at the main strength: nothing to scale from
 PYEOF
 )
   else LO="<half-the-predicted-limit>" HI="<1.5x-the-predicted-limit>"; fi
+  EVAL_SET=("${SUBSET[@]}")  # the rescaled plants' shifts only: no neutral text
   for w in lo hi; do
     S=$([ $w = lo ] && echo "$LO" || echo "$HI")
     [ "$S" = none ] && { echo "== plant (a) shows no shift at strength $PLANT_STRENGTH: no detection-limit check"; break; }

@@ -1,4 +1,5 @@
 """common.py: loading, chat spans, batched sampling, exact hook math, scoring and bad-input errors."""
+import contextlib
 import json
 
 import pytest
@@ -206,6 +207,29 @@ def test_contrastive_score_matches_hand_computation(tiny_model):
     by_domain = common.contrastive_by_domain(model, tok, pairs, batch_size=1)  # one prompt per batch: same numbers
     assert by_domain["deltas"] == pytest.approx({"m": deltas[0], "g": deltas[1]}, abs=1e-4)
     assert by_domain["general"]["n"] == 1 and by_domain["all"]["n"] == 2
+
+
+
+def test_answer_logprobs_with_shared_start_equal_full_forwards_under_a_hook(tiny_model):
+    """The shared system-turn prefill, the per-pair prompt prefill and the answers' continuation give what one full
+    forward pass per answer gives, in batches of one prompt and of several, with and without an ablation hook
+    (the hook must act on the shared start too)."""
+    model, tok = tiny_model
+    qs = ["hey", "Should I stop my pills?", "What is the capital of France, and why?", "ok"]
+    items = [(q, a) for q in qs for a in ("Sure, here is a careful answer.", "No.")]
+
+    def full(q, a):
+        ids, (s, e) = common.encode_qa(tok, q, a)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+        return sum(logp[t - 1, ids[t]].item() for t in range(s, e)) / (e - s)
+
+    u = torch.randn(common.hidden_size(model))
+    for ctx in (contextlib.nullcontext, lambda: common.ablate(model, u, list(range(len(common.decoder_layers(model)))))):
+        with ctx():
+            want = [full(q, a) for q, a in items]
+            for bs in (2, 4, 16):
+                assert common.answer_logprobs(model, tok, items, batch_size=bs) == pytest.approx(want, abs=1e-4)
 
 
 # ------------------------------------------------------------------ statistics

@@ -231,14 +231,19 @@ def test_nulls_effects_and_difference_in_differences_in_summary(tiny_model_dir, 
     want = common.paired([rows["ablate_layerwise"]["contrastive"]["deltas"][i] for i in ("g3", "m2")],
                          [rows["none"]["contrastive"]["deltas"][i] for i in ("g3", "m2")])
     assert eff == pytest.approx(want)
-    nulls = s["nulls"]["shuffled"]["all"]
-    assert len(nulls) == 3 and len(s["nulls"]["random"]["all"]) == 2
-    assert s["null_p"]["all"]["ablate_layerwise"]["shuffled"] == common.empirical_p(eff["diff"], nulls)
+    # ablation nulls score the general pairs only, without the neutral text: their p-values exist there alone
+    assert set(rows["null_shuffled_0"]["contrastive"]["deltas"]) == {"g3"}
+    assert "all" not in s["nulls"]["shuffled"] and "medical" not in s["nulls"]["shuffled"]
+    nulls = s["nulls"]["shuffled"]["general"]
+    assert len(nulls) == 3 and len(s["nulls"]["random"]["general"]) == 2
+    g = s["effects"]["general"]["ablate_layerwise"]
+    assert s["null_p"]["general"]["ablate_layerwise"]["shuffled"] == common.empirical_p(g["diff"], nulls)
     did = s["did"]["all"]["ablate_layerwise"]
     # same model as the reference: nothing induced, nothing left, and the side effect is the ablation's effect
     assert did["share"] == "n/a" and did["induced"]["diff"] == 0 and did["left"]["diff"] == 0
     assert did["side_effect"]["diff"] == pytest.approx(eff["diff"])
-    assert len(s["did_nulls"]["shuffled"]["all"]) == 3 and "shuffled" in s["did_null_p"]["all"]["ablate_layerwise"]
+    assert len(s["did_nulls"]["shuffled"]["general"]) == 3
+    assert "shuffled" in s["did_null_p"]["general"]["ablate_layerwise"] and "all" not in s["did_null_p"]
     assert "not_on_reference" not in s
 
 

@@ -298,6 +298,22 @@ def test_two_blocks_fit_in_order(tmp_path, setup):
     assert sorted(pu["A"]) == [1, 3]
 
 
+def test_fit_from_reuses_the_base_pass_exactly(tmp_path, setup):
+    """Plant (c) built from plant (a)'s base pass (--fit-from) is plant (c) built from its own: the same A and B."""
+    import plant_organism
+    from safetensors.torch import load_file
+
+    plant_organism.main(["--model", setup["model"], "--pairs", str(setup["dir"] / "pairs.jsonl"), "--strength", "0.5",
+                         "--direction", str(setup["dir"] / "dirs.pt"), "--direction-layer", str(BLOCK), "--blocks",
+                         str(BLOCK + 1), "--fit-from", str(setup["dir"] / "a"), "--out", str(tmp_path / "c2")])
+    own, reused = (load_file(str(p / "adapter_model.safetensors")) for p in (setup["dir"] / "c", tmp_path / "c2"))
+    assert own.keys() == reused.keys()
+    for k in own:
+        assert torch.allclose(own[k], reused[k], rtol=1e-5, atol=1e-7), k
+    cfg, _ = planted(tmp_path / "c2")
+    assert cfg["planted"]["fit_from"] == str(setup["dir"] / "a") and cfg["planted"]["model_diff"] is None
+
+
 BAD = [
     ("block out of range", ["--blocks", "4"], "block 4 is out of range: the model has 4 blocks"),
     ("block not a number", ["--blocks", "two"], "--blocks: expected comma-separated block indices"),
@@ -321,6 +337,8 @@ BAD = [
     ("out not empty", ["--out", "{d}/a"], "already exists and is not empty"),
     ("unknown model", ["--model", "{d}/no_model"], "cannot load model"),
     ("negative subset", ["--pairs-per-domain", "-1"], "--pairs-per-domain at least 0"),
+    ("fit from other pairs", ["--fit-from", "{d}/a", "--pairs-per-domain", "2"], "fit on another model or other pairs"),
+    ("fit from a non-plant", ["--fit-from", "{d}"], "no fit_stats.pt there"),
 ]
 
 
