@@ -712,16 +712,17 @@ PLANT_EXPECTED = {
     "steering": ("not run", "steering acts on the base model with a pair direction: no plant changes it"),
     # Revised after the first planted run, which expected "reproduced" for both and got "partly": ablating u
     # removes all of the plant and the nulls ~0, but u is the base model's own direction, and projecting it out of
-    # every block costs the untouched base -1.5 nats/token of neutral log-prob (-3786 of it sits on the first
-    # token's massive activation; -0.6 remains without that token). The coherence clause must fail, as it does for
-    # every activation ablation of the demo (-0.24 to -4.7): this model cannot give "reproduced" there.
+    # every block costs the untouched base -1.4 nats/token of neutral log-prob; most of it is the first token's
+    # massive activation (projection -3,700 on u), and -0.57 remains without that token (bench/ablation_cost.py).
+    # The coherence clause must fail, as it does for every activation ablation of the demo (-0.24 to -4.7): this
+    # model cannot give "reproduced" there.
     "ablation": ("partly", "ablating the recovered direction (its planted-block row, at every block) from plant "
                            "(a) and from the base removes all of (a)'s shift, beyond the Gaussian nulls (~0); "
                            "removing u costs the base itself > 0.15 nats/token, so the coherence clause fails"),
     "transfer": ("partly", "(a)'s recovered direction removes all of (c)'s shift, beyond the nulls, with the same "
-                           "coherence cost as (a); (c)'s shift must clear 0: at strength 0.1 it did "
-                           "not (z ≈ 1.6 on 12 themes); here 16 themes, and (a)'s z grew with strength (2.6, 3.1, 3.5 at "
-                           "0.045, 0.1, 0.135)"),
+                           "coherence cost as (a); (c)'s shift must clear 0: at strength 0.1 it did not (z ≈ 1.6 on "
+                           "12 themes); here 16 themes, and (a)'s z grew with strength (2.6, 3.1, 3.5 at 0.045, 0.1, "
+                           "0.135)"),
     "convergence": ("not testable", "no seeds"),
     "specialisation": ("not reproduced", "the planted scalar A·x does not depend on the label, so the "
                                          "aligned-vs-misaligned probe sits at chance (AUC gate fails)"),

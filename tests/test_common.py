@@ -224,8 +224,8 @@ def test_answer_logprobs_with_shared_start_equal_full_forwards_under_a_hook(tiny
             logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
         return sum(logp[t - 1, ids[t]].item() for t in range(s, e)) / (e - s)
 
-    u = torch.randn(common.hidden_size(model))
-    for ctx in (contextlib.nullcontext, lambda: common.ablate(model, u, list(range(len(common.decoder_layers(model)))))):
+    u, every_block = torch.randn(common.hidden_size(model)), list(range(len(common.decoder_layers(model))))
+    for ctx in (contextlib.nullcontext, lambda: common.ablate(model, u, every_block)):
         with ctx():
             want = [full(q, a) for q, a in items]
             for bs in (2, 4, 16):
