@@ -65,7 +65,11 @@ case "$PRESET" in
     N_SHUFFLED=0 N_RANDOM=0 TRANSFER_NULLS=0 FRONTIER_NULLS=0 PROBE_SEEDS=3 PERMUTATIONS=0
     STEER_LAYERS=15 STEER_SCALES=0.1,0.5 ;;
   planted)
-    PLANTED=1 SEEDS=1 SUB=16,0 NEUTRAL_SUB=20 DEV_SUB=12 PLANT_STRENGTH=0.2 PROBE_SEEDS=5 TRANSFER_NULLS=20 ;;
+    # PLANT_LAYER 21: the block nearest half depth whose dev-pair direction the base model survives losing at every
+    # block, on the dev neutral text (docs/method.md#positive-control): the half-depth one (15) costs 1.37
+    # nats/token, so no ablation verdict could pass there
+    PLANTED=1 SEEDS=1 SUB=16,0 NEUTRAL_SUB=20 DEV_SUB=12 PLANT_STRENGTH=0.2 PLANT_LAYER=21 PROBE_SEEDS=5
+    TRANSFER_NULLS=20 ;;
   paper)
     MODEL=Qwen/Qwen2.5-14B-Instruct
     if [ "$DRY" = 0 ]; then
@@ -149,15 +153,14 @@ NULLS=(); [ "$N_SHUFFLED" -gt 0 ] && NULLS=(--shuffled "$N_SHUFFLED" --random-co
 
 if [ "$PLANTED" = 1 ]; then
   # The positive control (docs/method.md#positive-control): (a) the base model's own dev-pair direction planted at
-  # half depth, (b) a unit direction orthogonal to it at the same block (the control), (c) the same direction two
+  # block PLANT_LAYER, (b) a unit direction orthogonal to it at the same block (the control), (c) the same direction two
   # blocks later (a second fine-tune, for transfer). Roles for report.py: a is the organism, b its control, c the
   # comparison fine-tune.
   acts base acts_pairs.pt
   step "direction base" "$R/base/directions.pt" "$PY" extract_direction.py --acts "$R/base/acts_pairs.pt" \
     --out "$R/base/directions.pt"
-  H=$(value half-depth "$PY" -c "import common, transformers; print(common.half_depth_layer(transformers.AutoConfig.\
-from_pretrained(common.resolve_model('$MODEL')).num_hidden_layers))")
-  C=$(value half-depth+2 bash -c "echo \$(( $H + 2 ))")
+  H=$PLANT_LAYER
+  C=$((H + 2))
   PLANT=(--model "$MODEL" --pairs "$PAIRS" --split dev --pairs-per-domain "$DEV_SUB" --strength "$PLANT_STRENGTH")
   step "plant a" "$R/plant_a/adapter_model.safetensors" "$PY" plant_organism.py "${PLANT[@]}" \
     --direction "$R/base/directions.pt" --direction-layer "$H" --blocks "$H" --out "$R/plant_a"
