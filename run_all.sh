@@ -2,6 +2,7 @@
 # The whole paper pipeline as a shell sequence (arXiv 2506.11618), from training to the report.
 #
 #   bash run_all.sh [--preset demo|quick|full|planted|paper] [--name NAME] [--force] [--dry-run]
+#                   [--plant-layer N]
 #
 # demo (default): the bundled SmolLM2-135M on the CPU, judge-free contrastive score (plus the judge whenever
 #   OPENAI_API_KEY / OPENAI_BASE_URL / AZURE_OPENAI_ENDPOINT is set): 3 training seeds per arm, 20 nulls for every
@@ -9,7 +10,8 @@
 # quick: a first look in a few minutes (one seed, small subsets, no nulls): its verdicts read "not testable".
 # full: the demo on every test pair, with nulls for every intervention.
 # planted: the positive control: planted organisms with a known direction through the unchanged pipeline, and the
-#   detection limit of each experiment (docs/method.md#positive-control).
+#   detection limit of each experiment (docs/method.md#positive-control). --plant-layer N takes u from block N and
+#   plants (a) and (b) there, (c) at N+2 (default: half depth).
 # paper: Qwen2.5-14B-Instruct with the paper's settings (docs/method.md#settings); needs CUDA and a judge.
 # --dry-run: print every command the run would execute, check each one's arguments with its script's own parser,
 #   and print the time, memory and judge-cost plan; loads no model and runs nothing (dry_run.py).
@@ -22,18 +24,20 @@ cd "$(dirname "$0")"
 
 # The body is one function, so bash parses all of it before running: editing this file during a run is safe.
 main() {
-PRESET=demo NAME="" FORCE=0 DRY=0
+PRESET=demo NAME="" FORCE=0 DRY=0 PLANT_LAYER=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --preset) PRESET=$2; shift 2 ;;
     --name) NAME=$2; shift 2 ;;
     --force) FORCE=1; shift ;;
     --dry-run) DRY=1; shift ;;
+    --plant-layer) PLANT_LAYER=${2:-}; shift 2 ;;
     -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     *) echo "error: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
 NAME=${NAME:-$PRESET}
+case "$PLANT_LAYER" in "") ;; *[!0-9]*) echo "error: --plant-layer must be a block index, got $PLANT_LAYER" >&2; exit 2 ;; esac
 case "$NAME" in */*|.*|"") echo "error: --name must be a plain directory name" >&2; exit 2 ;; esac
 
 PY=$(bash setup.sh)
@@ -65,11 +69,7 @@ case "$PRESET" in
     N_SHUFFLED=0 N_RANDOM=0 TRANSFER_NULLS=0 FRONTIER_NULLS=0 PROBE_SEEDS=3 PERMUTATIONS=0
     STEER_LAYERS=15 STEER_SCALES=0.1,0.5 ;;
   planted)
-    # PLANT_LAYER 21: the block nearest half depth whose dev-pair direction the base model survives losing at every
-    # block, on the dev neutral text (docs/method.md#positive-control): the half-depth one (15) costs 1.37
-    # nats/token, so no ablation verdict could pass there
-    PLANTED=1 SEEDS=1 SUB=16,0 NEUTRAL_SUB=20 DEV_SUB=12 PLANT_STRENGTH=0.2 PLANT_LAYER=21 PROBE_SEEDS=5
-    TRANSFER_NULLS=20 ;;
+    PLANTED=1 SEEDS=1 SUB=16,0 NEUTRAL_SUB=20 DEV_SUB=12 PLANT_STRENGTH=0.2 PROBE_SEEDS=5 TRANSFER_NULLS=20 ;;
   paper)
     MODEL=Qwen/Qwen2.5-14B-Instruct
     if [ "$DRY" = 0 ]; then
@@ -153,14 +153,15 @@ NULLS=(); [ "$N_SHUFFLED" -gt 0 ] && NULLS=(--shuffled "$N_SHUFFLED" --random-co
 
 if [ "$PLANTED" = 1 ]; then
   # The positive control (docs/method.md#positive-control): (a) the base model's own dev-pair direction planted at
-  # block PLANT_LAYER, (b) a unit direction orthogonal to it at the same block (the control), (c) the same direction two
+  # half depth (or --plant-layer), (b) a unit direction orthogonal to it at the same block (the control), (c) the same direction two
   # blocks later (a second fine-tune, for transfer). Roles for report.py: a is the organism, b its control, c the
   # comparison fine-tune.
   acts base acts_pairs.pt
   step "direction base" "$R/base/directions.pt" "$PY" extract_direction.py --acts "$R/base/acts_pairs.pt" \
     --out "$R/base/directions.pt"
-  H=$PLANT_LAYER
-  C=$((H + 2))
+  H=${PLANT_LAYER:-$(value half-depth "$PY" -c "import common, transformers; print(common.half_depth_layer(\
+transformers.AutoConfig.from_pretrained(common.resolve_model('$MODEL')).num_hidden_layers))")}
+  case "$H" in *[!0-9]*) C="<half-depth+2>" ;; *) C=$((H + 2)) ;; esac  # a dry run knows H only if given
   PLANT=(--model "$MODEL" --pairs "$PAIRS" --split dev --pairs-per-domain "$DEV_SUB" --strength "$PLANT_STRENGTH")
   step "plant a" "$R/plant_a/adapter_model.safetensors" "$PY" plant_organism.py "${PLANT[@]}" \
     --direction "$R/base/directions.pt" --direction-layer "$H" --blocks "$H" --out "$R/plant_a"

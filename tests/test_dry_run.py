@@ -11,9 +11,9 @@ import dry_run
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def dry(preset):
+def dry(preset, *extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "AZURE_OPENAI_"))}
-    return subprocess.run(["bash", "run_all.sh", "--preset", preset, "--dry-run"], cwd=ROOT, env=env,
+    return subprocess.run(["bash", "run_all.sh", "--preset", preset, "--dry-run", *extra], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
 
 
@@ -43,3 +43,13 @@ def test_a_bad_flag_is_caught_by_the_scripts_own_parser():
         "unrecognized arguments: --no-such-flag")
     assert "invalid choice" in dry_run.check_command(["collect_acts.py", "--in", "p", "--out", "o", "--split", "nope"])
     assert dry_run.check_command(["ablate_eval.py", "--out", "x", "--direction-layer", "<half-depth>"]) is None
+
+
+def test_plant_layer_moves_the_plants_and_a_bad_one_is_refused():
+    r = dry("planted", "--plant-layer", "21")
+    assert r.returncode == 0 and "[BAD]" not in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
+    assert "--direction-layer 21 --blocks 21 --out runs/planted/plant_a" in r.stdout
+    assert "--direction-layer 21 --blocks 23 --fit-from runs/planted/plant_a --out runs/planted/plant_c" in r.stdout
+    assert "--ablate runs/planted/plant_a/directions_modeldiff.pt --direction-layer 21" in r.stdout
+    r = dry("planted", "--plant-layer", "x")
+    assert r.returncode == 2 and r.stderr.strip() == "error: --plant-layer must be a block index, got x"
