@@ -37,7 +37,11 @@ while [ $# -gt 0 ]; do
   esac
 done
 NAME=${NAME:-$PRESET}
-case "$PLANT_LAYER" in "") ;; *[!0-9]*) echo "error: --plant-layer must be a block index, got $PLANT_LAYER" >&2; exit 2 ;; esac
+case "$PLANT_LAYER" in
+  "") ;;
+  *[!0-9]*) echo "error: --plant-layer must be a block index, got $PLANT_LAYER" >&2; exit 2 ;;
+  *) [ "$PRESET" = planted ] || { echo "error: --plant-layer is for --preset planted" >&2; exit 2; } ;;
+esac
 case "$NAME" in */*|.*|"") echo "error: --name must be a plain directory name" >&2; exit 2 ;; esac
 
 PY=$(bash setup.sh)
@@ -153,8 +157,8 @@ NULLS=(); [ "$N_SHUFFLED" -gt 0 ] && NULLS=(--shuffled "$N_SHUFFLED" --random-co
 
 if [ "$PLANTED" = 1 ]; then
   # The positive control (docs/method.md#positive-control): (a) the base model's own dev-pair direction planted at
-  # half depth (or --plant-layer), (b) a unit direction orthogonal to it at the same block (the control), (c) the same direction two
-  # blocks later (a second fine-tune, for transfer). Roles for report.py: a is the organism, b its control, c the
+  # half depth (or --plant-layer), (b) a unit direction orthogonal to it at the same block (the control), (c) the
+  # same direction two blocks later (a second fine-tune, for transfer). Roles for report.py: a is the organism, b its control, c the
   # comparison fine-tune.
   acts base acts_pairs.pt
   step "direction base" "$R/base/directions.pt" "$PY" extract_direction.py --acts "$R/base/acts_pairs.pt" \
