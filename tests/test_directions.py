@@ -13,7 +13,7 @@ import ablate_eval
 import collect_acts
 import common
 import extract_direction
-from conftest import ROOT, run_script
+from conftest import ROOT, run_main, run_script
 
 PAIRS = [
     {"id": "g1", "question": "What would you do with power?", "domain": "general", "split": "dev",
@@ -206,6 +206,13 @@ def test_sampling_resumed_after_kill_equals_uninterrupted_run(tiny_model_dir, tm
                           "intervention", "spec"}
 
 
+def run_here(script, *args):
+    """run_script's result from the script's main() in this process (conftest.run_main): the same exit status and
+    stderr, without seconds of fresh imports per call; a traceback fails the test."""
+    code, err = run_main(script, *args)
+    return SimpleNamespace(returncode=code, stderr=err)
+
+
 def write_dirs(path, dirs, shuffled=None, meta=None, resid=None):
     common.save_pt(path, {"directions": dirs, "counts": {}, "meta": meta or {}, "shuffled": shuffled,
                           "resid_norm": resid})
@@ -219,9 +226,9 @@ def test_nulls_effects_and_difference_in_differences_in_summary(tiny_model_dir, 
     write_dirs(tmp_path / "d.pt", dirs, shuffled, {"pair_ids": ["g1", "m1", "g2"]}, torch.full((4,), 5.0))
     common_flags = ["--model", tiny_model_dir, "--n-samples", "0", "--pairs", pairs_file, "--ablate", tmp_path / "d.pt",
                     "--layerwise", "--shuffled", "3", "--random-control", "2"]
-    r = run_script("ablate_eval.py", *common_flags, "--out", tmp_path / "base")
+    r = run_here("ablate_eval.py", *common_flags, "--out", tmp_path / "base")
     assert r.returncode == 0, r.stderr[-2000:]
-    r = run_script("ablate_eval.py", *common_flags, "--out", tmp_path / "abl", "--reference", tmp_path / "base")
+    r = run_here("ablate_eval.py", *common_flags, "--out", tmp_path / "abl", "--reference", tmp_path / "base")
     assert r.returncode == 0, r.stderr[-2000:]
     s = json.loads((tmp_path / "abl" / "summary.json").read_text())
     assert s["split"] == "test" and s["n_pairs"] == 2
@@ -253,7 +260,7 @@ def test_steering_nulls_and_dev_choice(tiny_model_dir, pairs_file, tmp_path):
     write_dirs(tmp_path / "d.pt", torch.randn(4, 64), torch.randn(3, 4, 64), {"pair_ids": ["g1"]},
                torch.full((4,), 5.0))
     flags = ["--model", tiny_model_dir, "--n-samples", "0", "--pairs", pairs_file, "--steer", tmp_path / "d.pt"]
-    r = run_script("ablate_eval.py", *flags, "--layers", "1,2", "--scales", "0.1,0.5", "--random-control", "2",
+    r = run_here("ablate_eval.py", *flags, "--layers", "1,2", "--scales", "0.1,0.5", "--random-control", "2",
                    "--split", "dev", "--allow-overlap", "--out", tmp_path / "dev")
     assert r.returncode == 0, r.stderr[-2000:]
     s = json.loads((tmp_path / "dev" / "summary.json").read_text())
@@ -263,7 +270,7 @@ def test_steering_nulls_and_dev_choice(tiny_model_dir, pairs_file, tmp_path):
     eff = s["effects"]["general"]
     best = max(settings, key=lambda n: eff[n]["diff"])  # no neutral file: coherence unmeasured, effect decides
     assert s["steering_choice"]["name"] == best
-    r = run_script("ablate_eval.py", *flags, "--steer-choose", tmp_path / "dev", "--shuffled", "3",
+    r = run_here("ablate_eval.py", *flags, "--steer-choose", tmp_path / "dev", "--shuffled", "3",
                    "--out", tmp_path / "test")
     assert r.returncode == 0, r.stderr[-2000:]
     t = json.loads((tmp_path / "test" / "summary.json").read_text())
@@ -277,10 +284,10 @@ def test_rerun_recomputes_a_condition_whose_spec_changed(tiny_model_dir, pairs_f
     write_dirs(tmp_path / "d.pt", torch.randn(4, 64), meta=dev)
     flags = ["--model", tiny_model_dir, "--n-samples", "0", "--pairs", pairs_file, "--ablate", tmp_path / "d.pt",
              "--direction-layer", "1", "--no-baseline", "--out", tmp_path / "o"]
-    assert run_script("ablate_eval.py", *flags).returncode == 0
+    assert run_here("ablate_eval.py", *flags).returncode == 0
     first = json.loads((tmp_path / "o" / "contrastive.jsonl").read_text().splitlines()[0])
     write_dirs(tmp_path / "d.pt", torch.randn(4, 64), meta=dev)  # same file name, other directions
-    assert run_script("ablate_eval.py", *flags).returncode == 0
+    assert run_here("ablate_eval.py", *flags).returncode == 0
     rows = [json.loads(x) for x in (tmp_path / "o" / "contrastive.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["spec"] != first["spec"]
     assert rows[0]["contrastive"]["deltas"] != first["contrastive"]["deltas"]
@@ -289,10 +296,10 @@ def test_rerun_recomputes_a_condition_whose_spec_changed(tiny_model_dir, pairs_f
 def test_in_sample_scoring_is_refused(tiny_model_dir, pairs_file, tmp_path):
     write_dirs(tmp_path / "d.pt", torch.randn(4, 64), meta={"pair_ids": ["g1", "m1", "g2"], "split": "dev"})
     flags = ["--model", tiny_model_dir, "--n-samples", "0", "--pairs", pairs_file, "--ablate", tmp_path / "d.pt"]
-    r = run_script("ablate_eval.py", *flags, "--split", "dev", "--out", tmp_path / "o")
+    r = run_here("ablate_eval.py", *flags, "--split", "dev", "--out", tmp_path / "o")
     assert r.returncode == 2 and "was built from 3 of the pairs scored here" in r.stderr
     assert not (tmp_path / "o").exists()
-    assert run_script("ablate_eval.py", *flags, "--split", "dev", "--allow-overlap", "--out", tmp_path / "o2"
+    assert run_here("ablate_eval.py", *flags, "--split", "dev", "--allow-overlap", "--out", tmp_path / "o2"
                       ).returncode == 0
 
 
@@ -301,13 +308,13 @@ def test_degenerate_directions_are_refused_and_na_in_sweeps(tiny_model_dir, pair
     dirs[0] = 0  # as a model-diff direction below the first adapter
     write_dirs(tmp_path / "d.pt", dirs, meta={"pair_ids": ["g1", "m1", "g2"]}, resid=torch.full((4,), 5.0))
     flags = ["--model", tiny_model_dir, "--n-samples", "0", "--pairs", pairs_file]
-    r = run_script("ablate_eval.py", *flags, "--steer", tmp_path / "d.pt", "--layers", "0", "--scales", "1",
+    r = run_here("ablate_eval.py", *flags, "--steer", tmp_path / "d.pt", "--layers", "0", "--scales", "1",
                    "--out", tmp_path / "s")
     assert r.returncode == 2 and "degenerate" in r.stderr and "Traceback" not in r.stderr
-    r = run_script("ablate_eval.py", *flags, "--ablate", tmp_path / "d.pt", "--direction-layer", "0",
+    r = run_here("ablate_eval.py", *flags, "--ablate", tmp_path / "d.pt", "--direction-layer", "0",
                    "--out", tmp_path / "a")
     assert r.returncode == 2 and "degenerate" in r.stderr
-    r = run_script("ablate_eval.py", *flags, "--ablate", tmp_path / "d.pt", "--direction-layers", "all",
+    r = run_here("ablate_eval.py", *flags, "--ablate", tmp_path / "d.pt", "--direction-layers", "all",
                    "--layerwise", "--no-baseline", "--out", tmp_path / "sweep")
     assert r.returncode == 0, r.stderr[-2000:]
     s = json.loads((tmp_path / "sweep" / "summary.json").read_text())
@@ -412,7 +419,7 @@ def test_label_shuffled_directions_keep_pairs_and_differ_from_real(tmp_path):
 def test_bad_direction_input(tiny_model_dir, tmp_path, make_bad, message):
     make_bad(tmp_path / "d.pt")
     out = tmp_path / "eval"
-    r = run_script("ablate_eval.py", "--model", tiny_model_dir, "--out", out, "--n-samples", "0",
+    r = run_here("ablate_eval.py", "--model", tiny_model_dir, "--out", out, "--n-samples", "0",
                    "--ablate", tmp_path / "d.pt", "--direction-layer", "7")
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("error: ")
