@@ -714,8 +714,8 @@ PLANT_EXPECTED = {
     # removes all of the plant and the nulls ~0, but u is the base model's own direction, and projecting it out of
     # every block costs the untouched base -1.4 nats/token of neutral log-prob; most of it is the first token's
     # massive activation (projection -3,700 on u), and -0.57 remains without that token (bench/ablation_cost.py).
-    # The coherence clause must fail, as it does for every activation ablation of the demo (-0.24 to -4.7): this
-    # model cannot give "reproduced" there.
+    # The coherence clause must fail for this direction, as it does for every activation ablation of the demo (-0.24
+    # to -4.7); a direction the base can lose passes it (PLANT_EXPECTED_AT, docs/planted_block21).
     "ablation": ("partly", "ablating the recovered direction (its planted-block row, at every block) from plant "
                            "(a) and from the base removes all of (a)'s shift, beyond the Gaussian nulls (~0); "
                            "removing u costs the base itself > 0.15 nats/token, so the coherence clause fails"),
@@ -796,7 +796,7 @@ def recovery_section(run):
                            f"{sum(null_share) / len(null_share):+.2f}, range {min(null_share):+.2f} to "
                            f"{max(null_share):+.2f} | {'yes' if max(abs(x) for x in null_share) < 0.5 else 'no'} |")
         if name == ORGANISM and e:
-            # why the ablation rule reads "partly": the cost of removing u from the untouched base model alone
+            # the coherence clause, split: the cost of removing u from the untouched base model alone
             cond = primary_ablation(s)
             alone = (load(run / "base" / "ablate" / "summary.json") or {}).get("coherence", {}).get(cond, {})
             if alone.get("vs_none") and e["neutral"] is not None:

@@ -158,8 +158,8 @@ NULLS=(); [ "$N_SHUFFLED" -gt 0 ] && NULLS=(--shuffled "$N_SHUFFLED" --random-co
 if [ "$PLANTED" = 1 ]; then
   # The positive control (docs/method.md#positive-control): (a) the base model's own dev-pair direction planted at
   # half depth (or --plant-layer), (b) a unit direction orthogonal to it at the same block (the control), (c) the
-  # same direction two blocks later (a second fine-tune, for transfer). Roles for report.py: a is the organism, b its control, c the
-  # comparison fine-tune.
+  # same direction two blocks later (a second fine-tune, for transfer). Roles for report.py: a is the organism, b
+  # its control, c the comparison fine-tune.
   acts base acts_pairs.pt
   step "direction base" "$R/base/directions.pt" "$PY" extract_direction.py --acts "$R/base/acts_pairs.pt" \
     --out "$R/base/directions.pt"

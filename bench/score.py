@@ -3,7 +3,8 @@
 Both sides score the same contrastive pairs with the bundled model and must agree (max |difference| of the
 per-pair deltas is printed). The full side runs every (question, answer) through the decoder stack on its own;
 the shared side is common.answer_logprobs, which prefills the chat template's system turn once for the whole call,
-the rest of each pair's prompt once per pair, and copies the KV caches to the two answers. Timings alternate between the two and take the median of --repeats runs.
+the rest of each pair's prompt once per pair, and copies the KV caches to the two answers. Timings alternate
+between the two and take the median of --repeats runs.
 
     python bench/score.py [--n-pairs 64] [--batch-size 16] [--repeats 3]
 
