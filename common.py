@@ -45,6 +45,17 @@ def cli(main):
         sys.exit(2)
 
 
+def run_script(cmd):
+    """Run one of the repo's scripts (`[script.py, args...]`) in a child process, as the sweeps do; its own one-line
+    error is the caller's too."""
+    import subprocess
+
+    print("$ " + " ".join(map(str, cmd)), flush=True)
+    r = subprocess.run([sys.executable, *map(str, cmd)])
+    if r.returncode:
+        raise InputError(f"{cmd[0]} failed with exit status {r.returncode}")
+
+
 # ----------------------------------------------------------------------------------------------- files
 
 

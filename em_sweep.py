@@ -25,13 +25,11 @@ Example:
 """
 import argparse
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from common import (InputError, cli, fmt_ci, load_condition, paired_by_id, pyplot, read_pairs, save_figure,
-                    write_json)
+from common import (InputError, cli, fmt_ci, load_condition, paired_by_id, pyplot, read_pairs, run_script,
+                    save_figure, write_json)
 
 BAD, GOOD = "data/train/bad_medical_advice.jsonl", "data/train/good_medical_advice.jsonl"
 R1 = ["--lr", "1e-3", "--epochs", "3", "--max-examples", "120"]  # the first controlled trial's recipe
@@ -64,19 +62,11 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def run(cmd):
-    """Run one of the repo's scripts; its own one-line error is ours too."""
-    print("$ " + " ".join(cmd), flush=True)
-    r = subprocess.run([sys.executable, *cmd])
-    if r.returncode:
-        raise InputError(f"{cmd[0]} failed with exit status {r.returncode}")
-
-
 def train(args, name, data, flags):
     out = Path(args.out) / name
     if not (out / "adapter_model.safetensors").exists():
         extra = [] if "--preset" in flags else CHECKPOINTS
-        run(["train_rank1.py", "--model", args.model, "--data", data, "--out", str(out), "--resume", *flags, *extra])
+        run_script(["train_rank1.py", "--model", args.model, "--data", data, "--out", str(out), "--resume", *flags, *extra])
     return out
 
 
@@ -87,7 +77,7 @@ def evaluate(args, adapter, out):
                "--split", "dev", "--neutral", args.neutral]
         if adapter:
             cmd += ["--adapter", str(adapter), "--reference", str(Path(args.out) / "base" / "eval_dev")]
-        run(cmd)
+        run_script(cmd)
     return load_condition(out)
 
 

@@ -706,44 +706,58 @@ def dynamics_section(run):
 # ----------------------------------------------------------------------------------------------- positive control
 
 
-# What each rule should say of each plant, written before the planted run (docs/method.md#positive-control).
+# What each rule should say of each plant, written before the planted run (docs/method.md#positive-control), for
+# the preset's frozen configuration: block 21's dev-pair direction (the one near half depth that the base model can
+# lose, -0.09 nats/token on dev) planted at half depth, strength 0.1, both chosen on dev by plant_sweep.py
+# (docs/plant_sweep.md). Written before its first test run; dev predicted z 4.1 for (a) and 3.2 for (c) on 16 pairs.
 PLANT_EXPECTED = {
     "em": ("not testable", "a plant has one 'seed': the rule needs 3; its shift is in the recovery table"),
     "steering": ("not run", "steering acts on the base model with a pair direction: no plant changes it"),
-    # Revised after the first planted run, which expected "reproduced" for both and got "partly": ablating u
-    # removes all of the plant and the nulls ~0, but u is the base model's own direction, and projecting it out of
-    # every block costs the untouched base -1.4 nats/token of neutral log-prob; most of it is the first token's
-    # massive activation (projection -3,700 on u), and -0.57 remains without that token (bench/ablation_cost.py).
-    # The coherence clause must fail for this direction, as it does for every activation ablation of the demo (-0.24
-    # to -4.7); a direction the base can lose passes it (PLANT_EXPECTED_AT, docs/planted_block21).
-    "ablation": ("partly", "ablating the recovered direction (its planted-block row, at every block) from plant "
-                           "(a) and from the base removes all of (a)'s shift, beyond the Gaussian nulls (~0); "
-                           "removing u costs the base itself > 0.15 nats/token, so the coherence clause fails"),
-    "transfer": ("partly", "(a)'s recovered direction removes all of (c)'s shift, beyond the nulls, with the same "
-                           "coherence cost as (a); (c)'s shift must clear 0: at strength 0.1 it did not (z ≈ 1.6 on "
-                           "12 themes); here 16 themes, and (a)'s z grew with strength (2.6, 3.1, 3.5 at 0.045, 0.1, "
-                           "0.135)"),
+    "ablation": ("reproduced", "ablating the recovered direction (u, at every block) from plant (a) and from the "
+                               "base removes all of (a)'s shift, beyond the Gaussian nulls (~0), and u is a direction "
+                               "the base can lose (-0.09 nats/token on the dev neutral text); (a)'s shift must clear "
+                               "0 on 16 test themes: predicted z 4.1 from dev"),
+    "transfer": ("reproduced", "(a)'s recovered direction removes all of (c)'s shift, beyond the nulls, coherently; "
+                               "(c)'s shift must clear 0: predicted z 3.2 from dev"),
     "convergence": ("not testable", "no seeds"),
     "specialisation": ("not reproduced", "the planted scalar A·x does not depend on the label, so the "
                                          "aligned-vs-misaligned probe sits at chance (AUC gate fails)"),
 }
-# `--plant-layer 21`: the direction nearest half depth that the base model survives losing (-0.09 nats/token at
-# every block on the dev neutral text), so the ablation rule can pass; written before that run
-PLANT_EXPECTED_AT = {21: {
-    "ablation": ("reproduced", "ablating the recovered direction (its planted-block row, at every block) from plant "
-                               "(a) and from the base removes all of (a)'s shift, beyond the Gaussian nulls (~0), and "
-                               "the block-21 direction costs the base less than 0.15 nats/token"),
-    "transfer": ("reproduced", "(a)'s recovered direction removes all of (c)'s shift, beyond the nulls, coherently; "
-                               "(c)'s shift must clear 0 on 16 themes")}}
+# Earlier configurations, {(block of u, planted block): the rules whose expectation differed}, each written before
+# its run (`--plant-direction` and `--plant-layer`; docs/planted_block15, docs/planted_block21).
+PLANT_EXPECTED_AT = {
+    # Revised after the first block-15 run, which expected "reproduced" for both and got "partly": ablating u
+    # removes all of the plant and the nulls ~0, but projecting the block-15 direction out of every block costs the
+    # untouched base -1.4 nats/token of neutral log-prob; most of it is the first token's massive activation
+    # (projection -3,700 on u), and -0.57 remains without that token (bench/ablation_cost.py). The coherence clause
+    # must fail for this direction, as it does for every activation ablation of the demo (-0.24 to -4.7).
+    (15, 15): {
+        "ablation": ("partly", "ablating the recovered direction (its planted-block row, at every block) from plant "
+                               "(a) and from the base removes all of (a)'s shift, beyond the Gaussian nulls (~0); "
+                               "removing u costs the base itself > 0.15 nats/token, so the coherence clause fails"),
+        "transfer": ("partly", "(a)'s recovered direction removes all of (c)'s shift, beyond the nulls, with the "
+                               "same coherence cost as (a); (c)'s shift must clear 0: at strength 0.1 it did not "
+                               "(z ≈ 1.6 on 12 themes); here 16 themes, and (a)'s z grew with strength (2.6, 3.1, "
+                               "3.5 at 0.045, 0.1, 0.135)")},
+    # the direction nearest half depth that the base model survives losing, planted at its own block
+    (21, 21): {
+        "ablation": ("reproduced", "ablating the recovered direction (its planted-block row, at every block) from "
+                                   "plant (a) and from the base removes all of (a)'s shift, beyond the Gaussian "
+                                   "nulls (~0), and the block-21 direction costs the base less than 0.15 nats/token"),
+        "transfer": ("reproduced", "(a)'s recovered direction removes all of (c)'s shift, beyond the nulls, "
+                                   "coherently; (c)'s shift must clear 0 on 16 themes")}}
 
 
-def plant_expected(blocks):
-    """The expected verdicts written before a planted run with these planted blocks."""
-    return {**PLANT_EXPECTED, **PLANT_EXPECTED_AT.get(blocks[0], {})}
+def plant_expected(where):
+    """The expected verdicts written before a planted run with this (block of u, planted block)."""
+    return {**PLANT_EXPECTED, **PLANT_EXPECTED_AT.get(where, {})}
 
 
-def planted_blocks(run):
-    return ((load(run / ORGANISM / "run_config.json") or {}).get("planted") or {}).get("blocks") or [None]
+def planted_where(run):
+    """(block of the planted u, first planted block) of a planted run's organism."""
+    info = (load(run / ORGANISM / "run_config.json") or {}).get("planted") or {}
+    blocks = info.get("blocks") or [None]
+    return (info.get("u_source") or {}).get("layer", blocks[0]), blocks[0]
 
 
 def recovery_section(run):
@@ -760,7 +774,8 @@ def recovery_section(run):
     if md_path.exists():  # the pipeline's own test of "no direction" (common.degenerate_layers), not a cosine's
         md = read_directions(md_path)
         degenerate = set(degenerate_layers(md["directions"], md["resid_norm"]))
-    out = [f"Plant (a) writes the base model's own dev-pair direction u at block(s) {blocks} with strength "
+    out = [f"Plant (a) writes u, the base model's own dev-pair direction of block {planted_where(run)[0]}, at "
+           f"block(s) {blocks} with strength "
            f"{info['strength']} × the block's mean residual norm; (b) a unit direction orthogonal to it at the same "
            f"block; (c) u two blocks later. What the unchanged pipeline recovers:", "",
            "| check | expected | measured | ok |", "|---|---|---|---|"]
@@ -801,7 +816,7 @@ def recovery_section(run):
             alone = (load(run / "base" / "ablate" / "summary.json") or {}).get("coherence", {}).get(cond, {})
             if alone.get("vs_none") and e["neutral"] is not None:
                 drop = alone["vs_none"]["diff"]
-                if plant_expected(blocks)["ablation"][0] == "reproduced":
+                if plant_expected(planted_where(run))["ablation"][0] == "reproduced":
                     want, ok = f"a fall of at most {COHERENCE_MAX_DROP} on both", \
                         min(drop, e["neutral"]) >= -COHERENCE_MAX_DROP
                 else:
@@ -844,7 +859,7 @@ def planted_section(run, planted, verdicts):
         return own + ["", "Expected verdicts, written before the run, and what came out:", "",
                       "| rule | expected | why | obtained |", "|---|---|---|---|"] + [
             f"| {k} | {v} | {why} | {verdicts.get(k, ('not run',))[0]} |"
-            for k, (v, why) in plant_expected(planted_blocks(run)).items()]
+            for k, (v, why) in plant_expected(planted_where(run)).items()]
     if not planted or not (planted / "report.md").exists():
         return ["not run here: `bash run_all.sh --preset planted` (docs/planted/report.md holds the last run)"]
     return [f"From the planted run `{planted}`:", report_sections(planted / "report.md").get("Positive control", "")]

@@ -2,7 +2,7 @@
 # The whole paper pipeline as a shell sequence (arXiv 2506.11618), from training to the report.
 #
 #   bash run_all.sh [--preset demo|quick|full|planted|paper] [--name NAME] [--force] [--dry-run]
-#                   [--plant-layer N]
+#                   [--plant-layer N] [--plant-direction D]
 #
 # demo (default): the bundled SmolLM2-135M on the CPU, judge-free contrastive score (plus the judge whenever
 #   OPENAI_API_KEY / OPENAI_BASE_URL / AZURE_OPENAI_ENDPOINT is set): 3 training seeds per arm, 20 nulls for every
@@ -10,8 +10,9 @@
 # quick: a first look in a few minutes (one seed, small subsets, no nulls): its verdicts read "not testable".
 # full: the demo on every test pair, with nulls for every intervention.
 # planted: the positive control: planted organisms with a known direction through the unchanged pipeline, and the
-#   detection limit of each experiment (docs/method.md#positive-control). --plant-layer N takes u from block N and
-#   plants (a) and (b) there, (c) at N+2 (default: half depth).
+#   detection limit of each experiment (docs/method.md#positive-control). u is the base model's dev-pair direction
+#   of block D (--plant-direction; default: the one chosen on dev by plant_sweep.py, docs/plant_sweep.md); (a) and
+#   (b) are planted at block N (--plant-layer; default: half depth), (c) at N+2.
 # paper: Qwen2.5-14B-Instruct with the paper's settings (docs/method.md#settings); needs CUDA and a judge.
 # --dry-run: print every command the run would execute, check each one's arguments with its script's own parser,
 #   and print the time, memory and judge-cost plan; loads no model and runs nothing (dry_run.py).
@@ -24,7 +25,7 @@ cd "$(dirname "$0")"
 
 # The body is one function, so bash parses all of it before running: editing this file during a run is safe.
 main() {
-PRESET=demo NAME="" FORCE=0 DRY=0 PLANT_LAYER=""
+PRESET=demo NAME="" FORCE=0 DRY=0 PLANT_LAYER="" PLANT_DIRECTION=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --preset) PRESET=$2; shift 2 ;;
@@ -32,16 +33,19 @@ while [ $# -gt 0 ]; do
     --force) FORCE=1; shift ;;
     --dry-run) DRY=1; shift ;;
     --plant-layer) PLANT_LAYER=${2:-}; shift 2 ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    --plant-direction) PLANT_DIRECTION=${2:-}; shift 2 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) echo "error: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
 NAME=${NAME:-$PRESET}
-case "$PLANT_LAYER" in
-  "") ;;
-  *[!0-9]*) echo "error: --plant-layer must be a block index, got $PLANT_LAYER" >&2; exit 2 ;;
-  *) [ "$PRESET" = planted ] || { echo "error: --plant-layer is for --preset planted" >&2; exit 2; } ;;
-esac
+for flag in "--plant-layer $PLANT_LAYER" "--plant-direction $PLANT_DIRECTION"; do
+  case "${flag#* }" in
+    "") ;;
+    *[!0-9]*) echo "error: ${flag%% *} must be a block index, got ${flag#* }" >&2; exit 2 ;;
+    *) [ "$PRESET" = planted ] || { echo "error: ${flag%% *} is for --preset planted" >&2; exit 2; } ;;
+  esac
+done
 case "$NAME" in */*|.*|"") echo "error: --name must be a plain directory name" >&2; exit 2 ;; esac
 
 PY=$(bash setup.sh)
@@ -72,8 +76,9 @@ case "$PRESET" in
     SEEDS=1 COMPARE=0 MAX_NEW=32 SUB=6,4 NEUTRAL_SUB=10 DEV_SUB=6 DYN_SUB=4 SMALL=1
     N_SHUFFLED=0 N_RANDOM=0 TRANSFER_NULLS=0 FRONTIER_NULLS=0 PROBE_SEEDS=3 PERMUTATIONS=0
     STEER_LAYERS=15 STEER_SCALES=0.1,0.5 ;;
-  planted)
-    PLANTED=1 SEEDS=1 SUB=16,0 NEUTRAL_SUB=20 DEV_SUB=12 PLANT_STRENGTH=0.2 PROBE_SEEDS=5 TRANSFER_NULLS=20 ;;
+  planted)  # u = block 21's direction at strength 0.1: chosen on dev by plant_sweep.py, then frozen
+    PLANTED=1 SEEDS=1 SUB=16,0 NEUTRAL_SUB=20 DEV_SUB=12 PLANT_U=21 PLANT_STRENGTH=0.1 PROBE_SEEDS=5
+    TRANSFER_NULLS=20 ;;
   paper)
     MODEL=Qwen/Qwen2.5-14B-Instruct
     if [ "$DRY" = 0 ]; then
@@ -156,25 +161,26 @@ report() { [ "$DRY" = 1 ] && { step "report" "$R/report.md" "$PY" report.py --ru
 NULLS=(); [ "$N_SHUFFLED" -gt 0 ] && NULLS=(--shuffled "$N_SHUFFLED" --random-control "$N_RANDOM")
 
 if [ "$PLANTED" = 1 ]; then
-  # The positive control (docs/method.md#positive-control): (a) the base model's own dev-pair direction planted at
-  # half depth (or --plant-layer), (b) a unit direction orthogonal to it at the same block (the control), (c) the
-  # same direction two blocks later (a second fine-tune, for transfer). Roles for report.py: a is the organism, b
-  # its control, c the comparison fine-tune.
+  # The positive control (docs/method.md#positive-control): (a) the base model's own dev-pair direction of block U
+  # planted at half depth (or --plant-layer), (b) a unit direction orthogonal to it at the same block (the control),
+  # (c) the same direction two blocks later (a second fine-tune, for transfer). Roles for report.py: a is the
+  # organism, b its control, c the comparison fine-tune.
   acts base acts_pairs.pt
   step "direction base" "$R/base/directions.pt" "$PY" extract_direction.py --acts "$R/base/acts_pairs.pt" \
     --out "$R/base/directions.pt"
   H=${PLANT_LAYER:-$(value half-depth "$PY" -c "import common, transformers; print(common.half_depth_layer(\
 transformers.AutoConfig.from_pretrained(common.resolve_model('$MODEL')).num_hidden_layers))")}
   case "$H" in *[!0-9]*) C="<half-depth+2>" ;; *) C=$((H + 2)) ;; esac  # a dry run knows H only if given
+  U=${PLANT_DIRECTION:-$PLANT_U}  # the block whose direction is planted
   PLANT=(--model "$MODEL" --pairs "$PAIRS" --split dev --pairs-per-domain "$DEV_SUB" --strength "$PLANT_STRENGTH")
   step "plant a" "$R/plant_a/adapter_model.safetensors" "$PY" plant_organism.py "${PLANT[@]}" \
-    --direction "$R/base/directions.pt" --direction-layer "$H" --blocks "$H" --out "$R/plant_a"
+    --direction "$R/base/directions.pt" --direction-layer "$U" --blocks "$H" --out "$R/plant_a"
   # (b) and (c) reuse (a)'s base-model pass: same model, same fit pairs
   step "plant b" "$R/plant_b/adapter_model.safetensors" "$PY" plant_organism.py "${PLANT[@]}" \
-    --orthogonal-to "$R/base/directions.pt" --direction-layer "$H" --blocks "$H" --fit-from "$R/plant_a" \
+    --orthogonal-to "$R/base/directions.pt" --direction-layer "$U" --blocks "$H" --fit-from "$R/plant_a" \
     --out "$R/plant_b"
   step "plant c" "$R/plant_c/adapter_model.safetensors" "$PY" plant_organism.py "${PLANT[@]}" \
-    --direction "$R/base/directions.pt" --direction-layer "$H" --blocks "$C" --fit-from "$R/plant_a" \
+    --direction "$R/base/directions.pt" --direction-layer "$U" --blocks "$C" --fit-from "$R/plant_a" \
     --out "$R/plant_c"
   [ "$DRY" = 1 ] || printf '{"organism": "plant_a", "control": "plant_b", "comparisons": {"plant_c": "plant (c), same direction %s blocks later"}}\n' 2 > "$R/roles.json"
   acts plant_a acts_pairs.pt --adapter "$R/plant_a"

@@ -45,11 +45,20 @@ def test_a_bad_flag_is_caught_by_the_scripts_own_parser():
     assert dry_run.check_command(["ablate_eval.py", "--out", "x", "--direction-layer", "<half-depth>"]) is None
 
 
-def test_plant_layer_moves_the_plants_and_a_bad_one_is_refused():
-    r = dry("planted", "--plant-layer", "21")
+def test_plant_layer_and_direction_move_the_plants_and_bad_ones_are_refused():
+    r = dry("planted", "--plant-layer", "15", "--plant-direction", "9")
     assert r.returncode == 0 and "[BAD]" not in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
-    assert "--direction-layer 21 --blocks 21 --out runs/planted/plant_a" in r.stdout
-    assert "--direction-layer 21 --blocks 23 --fit-from runs/planted/plant_a --out runs/planted/plant_c" in r.stdout
-    assert "--ablate runs/planted/plant_a/directions_modeldiff.pt --direction-layer 21" in r.stdout
-    r = dry("planted", "--plant-layer", "x")
-    assert r.returncode == 2 and r.stderr.strip() == "error: --plant-layer must be a block index, got x"
+    assert "--direction-layer 9 --blocks 15 --out runs/planted/plant_a" in r.stdout
+    assert "--orthogonal-to runs/planted/base/directions.pt --direction-layer 9 --blocks 15 " in r.stdout
+    assert "--direction-layer 9 --blocks 17 --fit-from runs/planted/plant_a --out runs/planted/plant_c" in r.stdout
+    # the ablated direction is the one recovered at the planted block
+    assert "--ablate runs/planted/plant_a/directions_modeldiff.pt --direction-layer 15" in r.stdout
+    # the preset's own: block 21's direction (chosen on dev by plant_sweep.py) at half depth, strength 0.1
+    r = dry("planted")
+    assert "--strength 0.1 --direction runs/planted/base/directions.pt --direction-layer 21 --blocks <half-depth> " \
+        in r.stdout
+    for flag in ("--plant-layer", "--plant-direction"):
+        r = dry("planted", flag, "x")
+        assert r.returncode == 2 and r.stderr.strip() == f"error: {flag} must be a block index, got x"
+        r = dry("demo", flag, "3")
+        assert r.returncode == 2 and r.stderr.strip() == f"error: {flag} is for --preset planted"

@@ -364,3 +364,27 @@ def test_bad_input(setup, tmp_path, capsys, monkeypatch, case, extra, message):
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert not (tmp_path / "out").exists()
 
+
+
+def test_plant_sweep_rule_picks_the_coherent_direction_nearest_half_depth_and_the_smallest_strength():
+    import plant_sweep as ps
+
+    # 30 blocks: half depth 15; 28 is past the last block (c) fits after, 0 is excluded, 16 and 14 too costly
+    costs = {0: 0.0, 14: -0.2, 16: -0.151, 17: -0.10, 13: -0.10, 21: -0.01, 28: 0.0}
+    assert ps.choose_direction(costs, 30) == 13  # 13 and 17 tie on distance and cost: the lower block
+    assert ps.choose_direction({**costs, 17: -0.05}, 30) == 17  # the cheaper of two equally near
+    assert ps.choose_direction({0: 0.0, 28: 0.0, 15: -1.4}, 30) is None
+    row = lambda z, neutral: {"z_test": z, "neutral": neutral}  # noqa: E731
+    strengths = {"0.1": {"a": row(4.1, -0.01), "c": row(2.7, 0.0)},  # (c) under the limit
+                 "0.15": {"a": row(4.7, -0.16), "c": row(3.4, 0.0)},  # (a) incoherent
+                 "0.2": {"a": row(5.0, -0.10), "c": row(3.4, -0.07)},
+                 "0.3": {"a": row(5.0, -0.10), "c": row(3.4, -0.07)}}
+    assert ps.choose_strength(strengths) == 0.2
+    assert ps.choose_strength({"0.1": strengths["0.1"]}) is None
+
+
+def test_plant_sweep_refuses_bad_counts():
+    from conftest import run_main
+
+    rc, err = run_main("plant_sweep.py", "--eval-pairs", "0")
+    assert rc == 2 and err.strip() == "error: --fit-pairs, --eval-pairs and --test-pairs must be at least 1"
