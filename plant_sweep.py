@@ -7,18 +7,20 @@ the pipeline:
 - the base model survives losing u: projected out of every block (the ablation every verdict uses), u costs at
   most 0.15 nats/token of neutral text, the ablation rule's coherence clause applied to the base alone;
 - the plants move the score enough for the preset's test subset (16 general pairs) to see them.
-This script measures both on dev only, and picks the direction and the strength by a fixed rule (version 2,
-below; version 1 is said after it):
+This script measures both on dev only, and picks the direction and the strength by a fixed rule (version 3,
+below; versions 1 and 2 are said after it):
 1. **Direction.** Candidates: the dev-pair directions of blocks 1..n-3 that are not degenerate. Cost: the base
    model's mean neutral log-prob change on the dev neutral answers (items 56-75 of data/eval/neutral.jsonl, the
    ones run_all.sh keeps for choices) with the block's direction projected out of every block. Eligible: a fall of
    at most 0.15. Chosen: the eligible direction nearest half depth (ties: the cheaper).
-2. **Where it is planted**: not searched. Plant (a) sits at half depth and (c) two blocks later, the preset's
-   design since its first run.
+2. **Where (a) is planted**: not searched. Plant (a) sits at half depth, the preset's design since its first
+   run; for step 3, (c) sits two blocks later.
 3. **Strength**, in units of the planted block's mean residual norm, on the grid 0.1, 0.15, 0.2, 0.3, 0.45, 0.7,
    1.0: the smallest at which plants (a) and (c) both clear the test subset's detection limit in prospect: z on
    dev × sqrt(16 / dev themes) of at least 2.8 (80% power at two-sided 0.05), and neither plant's own neutral
    log-prob falls by more than 0.15. None passing: no strength is chosen, and the docs say so.
+4. **Where (c) is planted** (version 3): at the chosen strength, among blocks half depth + 1 .. n-1, the block
+   where plant (c) has the largest predicted test z, of those where its neutral log-prob falls by at most 0.15.
 The dev pairs scored are general pairs of themes the plants were not fit on (one per theme, up to 40); the plants
 are fit as the preset fits them (12 dev pairs per domain).
 
@@ -28,6 +30,10 @@ z 4.3 for plant (a) there, and the test subset gave z 1.1 (+0.033 against +0.156
 planted at block 15 had kept most of its dev shift on test (+0.229 dev, +0.174 test). Before writing version 2 we
 had also seen, on dev only, the block-21 direction planted at blocks 12, 15 and 18 at 0.2: +0.198, +0.221, +0.176,
 with plant neutral changes -0.23, -0.155, -0.05. Version 2 is chosen with that knowledge, and says so.
+Version 2 (steps 1-3, with (c) at half depth + 2) chose block 21's direction at strength 0.1. Its test run
+(docs/planted_u21_c17): plant (a) +0.091 [+0.047, +0.136] (dev +0.102) and ablation "reproduced"; plant (c) at block 17
++0.039 [-0.004, +0.081] (dev +0.074, predicted z 3.2, test z 1.8), so transfer read "not testable". Version 3
+adds step 4, written after that run and before its own results.
 
 Inputs:  data/eval/contrastive_pairs.jsonl (dev split only), data/eval/neutral.jsonl (items 56-75).
 Outputs: runs/plant_sweep/ (base activations and directions, the cost scan, plants, dev evaluations; every step is
@@ -138,14 +144,20 @@ def passes(r):
     return r["z_test"] >= Z_NEEDED and r["neutral"] >= -COHERENCE_MAX_DROP
 
 
+def choose_c_block(rows):
+    """Step 4: the block ({block: row}) where plant (c) has the largest predicted z, among the coherent ones."""
+    ok = [b for b, r in rows.items() if r["neutral"] >= -COHERENCE_MAX_DROP]
+    return int(max(ok, key=lambda b: (rows[b]["z_test"], -int(b)))) if ok else None
+
+
 def write_docs(args, res, n_themes):
     costs, h, d = res["costs"], res["half_depth"], res["direction"]
     last = res["n_layers"] - 1 - OFFSET_C
     lines = ["# The positive control's direction and strength (dev split)", "",
              f"Written by `python plant_sweep.py` ({res['seconds']} s). Model: SmolLM2-135M-Instruct. Everything here "
              "is measured on dev; `bash run_all.sh --preset planted` reports on test with the choice frozen "
-             "(docs/method.md#positive-control). The rule is the script's docstring (version 2); what was known "
-             "before it was written, including version 1's choice and its test result, is said there and in "
+             "(docs/method.md#positive-control). The rule is the script's docstring (version 3); what was known "
+             "before it was written, including the earlier versions' choices and their test results, is said there and in "
              "docs/method.md.", "",
              "## 1. Which direction can the base model lose?", "",
              f"Neutral log-prob change of the base model (nats/token, {res['n_neutral']} dev neutral answers) with "
@@ -179,6 +191,16 @@ def write_docs(args, res, n_themes):
         st = res["strength"]
         lines += ["", f"**Chosen strength: {st:g}**." if st is not None else
                   "**No strength on the grid passes.**"]
+    if res["c_blocks"]:
+        lines += ["", "## 3. Where does plant (c) go? (version 3)", "",
+                  f"Plant (c), block {d}'s direction at strength {res['strength']:g}, at each block after half depth, "
+                  "on the same dev pairs; chosen: the largest predicted test z among the coherent.", "",
+                  "| block | shift | z | predicted test z | neutral |", "|---|---|---|---|---|"]
+        for b, x in res["c_blocks"].items():
+            lines.append(f"| {b} | {fmt_ci(x['shift'], x['ci'])} | {x['z']:.1f} | {x['z_test']:.1f} | "
+                         f"{x['neutral']:+.3f} |")
+        c = res["blocks"]["c"]
+        lines += ["", f"**Chosen block for (c): {c}**." if c is not None else "**No block is coherent for (c).**"]
     (Path(args.docs) / "plant_sweep.md").write_text("\n".join(lines) + "\n")
 
 
@@ -201,9 +223,9 @@ def main(argv=None):
     n_layers = load_pt(dirs)["directions"].shape[0]
     costs, degenerate = block_costs(args, dirs, neutral)
     direction, h = choose_direction(costs, n_layers), half_depth_layer(n_layers)
-    res = {"rule_version": 2, "n_layers": n_layers, "half_depth": h, "n_neutral": len(neutral_rows),
+    res = {"rule_version": 3, "n_layers": n_layers, "half_depth": h, "n_neutral": len(neutral_rows),
            "costs": {str(b): c for b, c in sorted(costs.items())}, "degenerate": degenerate, "direction": direction,
-           "blocks": {"a": h, "c": h + OFFSET_C}, "strengths": {}, "strength": None}
+           "blocks": {"a": h, "c": h + OFFSET_C}, "strengths": {}, "strength": None, "c_blocks": {}}
     if direction is not None:
         base_eval = step(out / "base" / "eval_dev" / "summary.json", [
             "ablate_eval.py", "--model", args.model, "--out", out / "base" / "eval_dev", "--n-samples", "0",
@@ -227,6 +249,17 @@ def main(argv=None):
                       f"predicted test z {row[k]['z_test']:.1f}, neutral {row[k]['neutral']:+.3f}", flush=True)
             res["strengths"][f"{s:g}"] = row
         res["strength"] = choose_strength(res["strengths"])
+    if res["strength"] is not None:
+        s = res["strength"]
+        for b in range(h + 1, n_layers):
+            plant = out / f"plant_c_u{direction}_L{b}_s{s:g}"
+            step(plant / "adapter_model.safetensors", [
+                "plant_organism.py", "--model", args.model, *fit, "--direction", dirs, "--direction-layer",
+                str(direction), "--blocks", str(b), "--strength", str(s), "--fit-from", first["a"], "--out", plant])
+            r = res["c_blocks"][str(b)] = shift(args, plant, base_eval, pairs, neutral, n_themes)
+            print(f"plant (c) at block {b}: shift {fmt_ci(r['shift'], r['ci'])}, predicted test z "
+                  f"{r['z_test']:.1f}, neutral {r['neutral']:+.3f}", flush=True)
+        res["blocks"]["c"] = choose_c_block(res["c_blocks"])
     res["seconds"] = round(time.time() - t0)
     write_json(out / "plant_sweep.json", res)
     write_docs(args, res, n_themes)

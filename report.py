@@ -708,8 +708,10 @@ def dynamics_section(run):
 
 # What each rule should say of each plant, written before the planted run (docs/method.md#positive-control), for
 # the preset's frozen configuration: block 21's dev-pair direction (the one near half depth that the base model can
-# lose, -0.09 nats/token on dev) planted at half depth, strength 0.1, both chosen on dev by plant_sweep.py
-# (docs/plant_sweep.md). Written before its first test run; dev predicted z 4.1 for (a) and 3.2 for (c) on 16 pairs.
+# lose, -0.09 nats/token on dev) planted at half depth, strength 0.1, (c) at block 16, all chosen on dev by
+# plant_sweep.py (docs/plant_sweep.md). Written before the test run of each version of that rule: dev predicted z
+# 4.1 for (a), and 3.2 for (c) at block 17 (version 2: transfer came out "not testable", docs/planted_u21_c17), 4.5
+# for (c) at block 16 (version 3).
 PLANT_EXPECTED = {
     "em": ("not testable", "a plant has one 'seed': the rule needs 3; its shift is in the recovery table"),
     "steering": ("not run", "steering acts on the base model with a pair direction: no plant changes it"),
@@ -718,7 +720,8 @@ PLANT_EXPECTED = {
                                "the base can lose (-0.09 nats/token on the dev neutral text); (a)'s shift must clear "
                                "0 on 16 test themes: predicted z 4.1 from dev"),
     "transfer": ("reproduced", "(a)'s recovered direction removes all of (c)'s shift, beyond the nulls, coherently; "
-                               "(c)'s shift must clear 0: predicted z 3.2 from dev"),
+                               "(c)'s shift must clear 0: predicted z 4.5 from dev at block 16 (3.2 at block 17, "
+                               "where the test gave 1.8)"),
     "convergence": ("not testable", "no seeds"),
     "specialisation": ("not reproduced", "the planted scalar A·x does not depend on the label, so the "
                                          "aligned-vs-misaligned probe sits at chance (AUC gate fails)"),
@@ -753,6 +756,10 @@ def plant_expected(where):
     return {**PLANT_EXPECTED, **PLANT_EXPECTED_AT.get(where, {})}
 
 
+def planted_blocks(run, name):
+    return ((load(run / name / "run_config.json") or {}).get("planted") or {}).get("blocks")
+
+
 def planted_where(run):
     """(block of the planted u, first planted block) of a planted run's organism."""
     info = (load(run / ORGANISM / "run_config.json") or {}).get("planted") or {}
@@ -777,7 +784,7 @@ def recovery_section(run):
     out = [f"Plant (a) writes u, the base model's own dev-pair direction of block {planted_where(run)[0]}, at "
            f"block(s) {blocks} with strength "
            f"{info['strength']} × the block's mean residual norm; (b) a unit direction orthogonal to it at the same "
-           f"block; (c) u two blocks later. What the unchanged pipeline recovers:", "",
+           f"block; (c) u at block(s) {planted_blocks(run, 'plant_c')}. What the unchanged pipeline recovers:", "",
            "| check | expected | measured | ok |", "|---|---|---|---|"]
     if cos:
         at = [cos[b] for b in blocks]

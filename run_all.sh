@@ -2,7 +2,7 @@
 # The whole paper pipeline as a shell sequence (arXiv 2506.11618), from training to the report.
 #
 #   bash run_all.sh [--preset demo|quick|full|planted|paper] [--name NAME] [--force] [--dry-run]
-#                   [--plant-layer N] [--plant-direction D]
+#                   [--plant-layer N] [--plant-direction D] [--plant-c-layer M]
 #
 # demo (default): the bundled SmolLM2-135M on the CPU, judge-free contrastive score (plus the judge whenever
 #   OPENAI_API_KEY / OPENAI_BASE_URL / AZURE_OPENAI_ENDPOINT is set): 3 training seeds per arm, 20 nulls for every
@@ -11,8 +11,9 @@
 # full: the demo on every test pair, with nulls for every intervention.
 # planted: the positive control: planted organisms with a known direction through the unchanged pipeline, and the
 #   detection limit of each experiment (docs/method.md#positive-control). u is the base model's dev-pair direction
-#   of block D (--plant-direction; default: the one chosen on dev by plant_sweep.py, docs/plant_sweep.md); (a) and
-#   (b) are planted at block N (--plant-layer; default: half depth), (c) at N+2.
+#   of block D (--plant-direction); (a) and (b) are planted at block N (--plant-layer; default: half depth), (c) at
+#   block M (--plant-c-layer; default: N+2 with --plant-layer, else the preset's). The defaults of D, the strength and
+#   M were chosen on dev by plant_sweep.py (docs/plant_sweep.md).
 # paper: Qwen2.5-14B-Instruct with the paper's settings (docs/method.md#settings); needs CUDA and a judge.
 # --dry-run: print every command the run would execute, check each one's arguments with its script's own parser,
 #   and print the time, memory and judge-cost plan; loads no model and runs nothing (dry_run.py).
@@ -25,7 +26,7 @@ cd "$(dirname "$0")"
 
 # The body is one function, so bash parses all of it before running: editing this file during a run is safe.
 main() {
-PRESET=demo NAME="" FORCE=0 DRY=0 PLANT_LAYER="" PLANT_DIRECTION=""
+PRESET=demo NAME="" FORCE=0 DRY=0 PLANT_LAYER="" PLANT_DIRECTION="" PLANT_C_LAYER=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --preset) PRESET=$2; shift 2 ;;
@@ -34,12 +35,13 @@ while [ $# -gt 0 ]; do
     --dry-run) DRY=1; shift ;;
     --plant-layer) PLANT_LAYER=${2:-}; shift 2 ;;
     --plant-direction) PLANT_DIRECTION=${2:-}; shift 2 ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    --plant-c-layer) PLANT_C_LAYER=${2:-}; shift 2 ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     *) echo "error: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
 NAME=${NAME:-$PRESET}
-for flag in "--plant-layer $PLANT_LAYER" "--plant-direction $PLANT_DIRECTION"; do
+for flag in "--plant-layer $PLANT_LAYER" "--plant-direction $PLANT_DIRECTION" "--plant-c-layer $PLANT_C_LAYER"; do
   case "${flag#* }" in
     "") ;;
     *[!0-9]*) echo "error: ${flag%% *} must be a block index, got ${flag#* }" >&2; exit 2 ;;
@@ -76,8 +78,8 @@ case "$PRESET" in
     SEEDS=1 COMPARE=0 MAX_NEW=32 SUB=6,4 NEUTRAL_SUB=10 DEV_SUB=6 DYN_SUB=4 SMALL=1
     N_SHUFFLED=0 N_RANDOM=0 TRANSFER_NULLS=0 FRONTIER_NULLS=0 PROBE_SEEDS=3 PERMUTATIONS=0
     STEER_LAYERS=15 STEER_SCALES=0.1,0.5 ;;
-  planted)  # u = block 21's direction at strength 0.1: chosen on dev by plant_sweep.py, then frozen
-    PLANTED=1 SEEDS=1 SUB=16,0 NEUTRAL_SUB=20 DEV_SUB=12 PLANT_U=21 PLANT_STRENGTH=0.1 PROBE_SEEDS=5
+  planted)  # u = block 21's direction, strength 0.1, (c) at block 16: chosen on dev by plant_sweep.py, then frozen
+    PLANTED=1 SEEDS=1 SUB=16,0 NEUTRAL_SUB=20 DEV_SUB=12 PLANT_U=21 PLANT_STRENGTH=0.1 PLANT_C=16 PROBE_SEEDS=5
     TRANSFER_NULLS=20 ;;
   paper)
     MODEL=Qwen/Qwen2.5-14B-Instruct
@@ -163,14 +165,14 @@ NULLS=(); [ "$N_SHUFFLED" -gt 0 ] && NULLS=(--shuffled "$N_SHUFFLED" --random-co
 if [ "$PLANTED" = 1 ]; then
   # The positive control (docs/method.md#positive-control): (a) the base model's own dev-pair direction of block U
   # planted at half depth (or --plant-layer), (b) a unit direction orthogonal to it at the same block (the control),
-  # (c) the same direction two blocks later (a second fine-tune, for transfer). Roles for report.py: a is the
+  # (c) the same direction at a later block (a second fine-tune, for transfer). Roles for report.py: a is the
   # organism, b its control, c the comparison fine-tune.
   acts base acts_pairs.pt
   step "direction base" "$R/base/directions.pt" "$PY" extract_direction.py --acts "$R/base/acts_pairs.pt" \
     --out "$R/base/directions.pt"
   H=${PLANT_LAYER:-$(value half-depth "$PY" -c "import common, transformers; print(common.half_depth_layer(\
 transformers.AutoConfig.from_pretrained(common.resolve_model('$MODEL')).num_hidden_layers))")}
-  case "$H" in *[!0-9]*) C="<half-depth+2>" ;; *) C=$((H + 2)) ;; esac  # a dry run knows H only if given
+  C=${PLANT_C_LAYER:-$([ -n "$PLANT_LAYER" ] && echo $((PLANT_LAYER + 2)) || echo "$PLANT_C")}
   U=${PLANT_DIRECTION:-$PLANT_U}  # the block whose direction is planted
   PLANT=(--model "$MODEL" --pairs "$PAIRS" --split dev --pairs-per-domain "$DEV_SUB" --strength "$PLANT_STRENGTH")
   step "plant a" "$R/plant_a/adapter_model.safetensors" "$PY" plant_organism.py "${PLANT[@]}" \
@@ -182,7 +184,7 @@ transformers.AutoConfig.from_pretrained(common.resolve_model('$MODEL')).num_hidd
   step "plant c" "$R/plant_c/adapter_model.safetensors" "$PY" plant_organism.py "${PLANT[@]}" \
     --direction "$R/base/directions.pt" --direction-layer "$U" --blocks "$C" --fit-from "$R/plant_a" \
     --out "$R/plant_c"
-  [ "$DRY" = 1 ] || printf '{"organism": "plant_a", "control": "plant_b", "comparisons": {"plant_c": "plant (c), same direction %s blocks later"}}\n' 2 > "$R/roles.json"
+  [ "$DRY" = 1 ] || printf '{"organism": "plant_a", "control": "plant_b", "comparisons": {"plant_c": "plant (c), same direction at block %s"}}\n' "$C" > "$R/roles.json"
   acts plant_a acts_pairs.pt --adapter "$R/plant_a"
   step "model-diff direction plant_a" "$R/plant_a/directions_modeldiff.pt" "$PY" extract_direction.py \
     --acts "$R/plant_a/acts_pairs.pt" --minus "$R/base/acts_pairs.pt" --out "$R/plant_a/directions_modeldiff.pt" \

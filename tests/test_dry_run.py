@@ -53,11 +53,14 @@ def test_plant_layer_and_direction_move_the_plants_and_bad_ones_are_refused():
     assert "--direction-layer 9 --blocks 17 --fit-from runs/planted/plant_a --out runs/planted/plant_c" in r.stdout
     # the ablated direction is the one recovered at the planted block
     assert "--ablate runs/planted/plant_a/directions_modeldiff.pt --direction-layer 15" in r.stdout
-    # the preset's own: block 21's direction (chosen on dev by plant_sweep.py) at half depth, strength 0.1
+    r = dry("planted", "--plant-c-layer", "20")
+    assert "--direction-layer 21 --blocks 20 --fit-from runs/planted/plant_a --out runs/planted/plant_c" in r.stdout
+    # the preset's own, chosen on dev by plant_sweep.py: block 21's direction at half depth, strength 0.1, (c) at 16
     r = dry("planted")
     assert "--strength 0.1 --direction runs/planted/base/directions.pt --direction-layer 21 --blocks <half-depth> " \
         in r.stdout
-    for flag in ("--plant-layer", "--plant-direction"):
+    assert "--direction-layer 21 --blocks 16 --fit-from runs/planted/plant_a --out runs/planted/plant_c" in r.stdout
+    for flag in ("--plant-layer", "--plant-direction", "--plant-c-layer"):
         r = dry("planted", flag, "x")
         assert r.returncode == 2 and r.stderr.strip() == f"error: {flag} must be a block index, got x"
         r = dry("demo", flag, "3")
