@@ -157,8 +157,8 @@ def write_docs(args, res, n_themes):
              f"Written by `python plant_sweep.py` ({res['seconds']} s). Model: SmolLM2-135M-Instruct. Everything here "
              "is measured on dev; `bash run_all.sh --preset planted` reports on test with the choice frozen "
              "(docs/method.md#positive-control). The rule is the script's docstring (version 3); what was known "
-             "before it was written, including the earlier versions' choices and their test results, is said there and in "
-             "docs/method.md.", "",
+             "before it was written, including the earlier versions' choices and their test results, is said "
+             "there and in docs/method.md.", "",
              "## 1. Which direction can the base model lose?", "",
              f"Neutral log-prob change of the base model (nats/token, {res['n_neutral']} dev neutral answers) with "
              f"the block's dev-pair direction projected out of every block; half depth is block {h}; eligible: a "

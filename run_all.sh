@@ -2,7 +2,7 @@
 # The whole paper pipeline as a shell sequence (arXiv 2506.11618), from training to the report.
 #
 #   bash run_all.sh [--preset demo|quick|full|planted|paper] [--name NAME] [--force] [--dry-run]
-#                   [--plant-layer N] [--plant-direction D] [--plant-c-layer M]
+#                   [--plant-layer N] [--plant-direction D] [--plant-c-layer M] [--plant-strength S]
 #
 # demo (default): the bundled SmolLM2-135M on the CPU, judge-free contrastive score (plus the judge whenever
 #   OPENAI_API_KEY / OPENAI_BASE_URL / AZURE_OPENAI_ENDPOINT is set): 3 training seeds per arm, 20 nulls for every
@@ -12,8 +12,8 @@
 # planted: the positive control: planted organisms with a known direction through the unchanged pipeline, and the
 #   detection limit of each experiment (docs/method.md#positive-control). u is the base model's dev-pair direction
 #   of block D (--plant-direction); (a) and (b) are planted at block N (--plant-layer; default: half depth), (c) at
-#   block M (--plant-c-layer; default: N+2 with --plant-layer, else the preset's). The defaults of D, the strength and
-#   M were chosen on dev by plant_sweep.py (docs/plant_sweep.md).
+#   block M (--plant-c-layer; default: N+2 with --plant-layer, else the preset's), at S × the block's mean residual
+#   norm (--plant-strength). The defaults of D, M and S were chosen on dev by plant_sweep.py (docs/plant_sweep.md).
 # paper: Qwen2.5-14B-Instruct with the paper's settings (docs/method.md#settings); needs CUDA and a judge.
 # --dry-run: print every command the run would execute, check each one's arguments with its script's own parser,
 #   and print the time, memory and judge-cost plan; loads no model and runs nothing (dry_run.py).
@@ -26,7 +26,7 @@ cd "$(dirname "$0")"
 
 # The body is one function, so bash parses all of it before running: editing this file during a run is safe.
 main() {
-PRESET=demo NAME="" FORCE=0 DRY=0 PLANT_LAYER="" PLANT_DIRECTION="" PLANT_C_LAYER=""
+PRESET=demo NAME="" FORCE=0 DRY=0 PLANT_LAYER="" PLANT_DIRECTION="" PLANT_C_LAYER="" PLANT_S=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --preset) PRESET=$2; shift 2 ;;
@@ -36,6 +36,7 @@ while [ $# -gt 0 ]; do
     --plant-layer) PLANT_LAYER=${2:-}; shift 2 ;;
     --plant-direction) PLANT_DIRECTION=${2:-}; shift 2 ;;
     --plant-c-layer) PLANT_C_LAYER=${2:-}; shift 2 ;;
+    --plant-strength) PLANT_S=${2:-}; shift 2 ;;
     -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     *) echo "error: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -48,6 +49,11 @@ for flag in "--plant-layer $PLANT_LAYER" "--plant-direction $PLANT_DIRECTION" "-
     *) [ "$PRESET" = planted ] || { echo "error: ${flag%% *} is for --preset planted" >&2; exit 2; } ;;
   esac
 done
+if [ -n "$PLANT_S" ]; then
+  [[ $PLANT_S =~ ^([0-9]+\.?[0-9]*|\.[0-9]+)$ && $PLANT_S =~ [1-9] ]] \
+    || { echo "error: --plant-strength must be a positive number, got $PLANT_S" >&2; exit 2; }
+  [ "$PRESET" = planted ] || { echo "error: --plant-strength is for --preset planted" >&2; exit 2; }
+fi
 case "$NAME" in */*|.*|"") echo "error: --name must be a plain directory name" >&2; exit 2 ;; esac
 
 PY=$(bash setup.sh)
@@ -173,7 +179,7 @@ if [ "$PLANTED" = 1 ]; then
   H=${PLANT_LAYER:-$(value half-depth "$PY" -c "import common, transformers; print(common.half_depth_layer(\
 transformers.AutoConfig.from_pretrained(common.resolve_model('$MODEL')).num_hidden_layers))")}
   C=${PLANT_C_LAYER:-$([ -n "$PLANT_LAYER" ] && echo $((PLANT_LAYER + 2)) || echo "$PLANT_C")}
-  U=${PLANT_DIRECTION:-$PLANT_U}  # the block whose direction is planted
+  U=${PLANT_DIRECTION:-$PLANT_U} PLANT_STRENGTH=${PLANT_S:-$PLANT_STRENGTH}  # u is block U's direction
   PLANT=(--model "$MODEL" --pairs "$PAIRS" --split dev --pairs-per-domain "$DEV_SUB" --strength "$PLANT_STRENGTH")
   step "plant a" "$R/plant_a/adapter_model.safetensors" "$PY" plant_organism.py "${PLANT[@]}" \
     --direction "$R/base/directions.pt" --direction-layer "$U" --blocks "$H" --out "$R/plant_a"

@@ -10,8 +10,8 @@ measures why, on the model with no adapter: the neutral log-prob change when the
 
 and prints the first token's norm and projection on the direction at --direction-layer.
 
-    python bench/ablation_cost.py --directions runs/planted/plant_a/directions_modeldiff.pt \
-        --neutral runs/planted/neutral_subset.jsonl [--direction-layer 15] [--from-block 15]
+    python bench/ablation_cost.py --directions runs/planted/base/directions.pt --direction-layer 15 \
+        --neutral runs/planted/neutral_subset.jsonl [--from-block 15]
 
 Last line: one JSON object with the four costs (nats/token) and the first token's norm and projection.
 """

@@ -60,6 +60,12 @@ def test_plant_layer_and_direction_move_the_plants_and_bad_ones_are_refused():
     assert "--strength 0.1 --direction runs/planted/base/directions.pt --direction-layer 21 --blocks <half-depth> " \
         in r.stdout
     assert "--direction-layer 21 --blocks 16 --fit-from runs/planted/plant_a --out runs/planted/plant_c" in r.stdout
+    # an earlier configuration, as docs/method.md reproduces it: the block-15 direction at block 15, strength 0.2
+    r = dry("planted", "--plant-direction", "15", "--plant-layer", "15", "--plant-strength", "0.2")
+    assert "--strength 0.2 --direction runs/planted/base/directions.pt --direction-layer 15 --blocks 15 " in r.stdout
+    assert "--direction-layer 15 --blocks 17 --fit-from runs/planted/plant_a --out runs/planted/plant_c" in r.stdout
+    r = dry("planted", "--plant-strength", "0.0")
+    assert r.returncode == 2 and r.stderr.strip() == "error: --plant-strength must be a positive number, got 0.0"
     for flag in ("--plant-layer", "--plant-direction", "--plant-c-layer"):
         r = dry("planted", flag, "x")
         assert r.returncode == 2 and r.stderr.strip() == f"error: {flag} must be a block index, got x"
