@@ -14,7 +14,7 @@ below; versions 1 and 2 are said after it):
    ones run_all.sh keeps for choices) with the block's direction projected out of every block. Eligible: a fall of
    at most 0.15. Chosen: the eligible direction nearest half depth (ties: the cheaper).
 2. **Where (a) is planted**: not searched. Plant (a) sits at half depth, the preset's design since its first
-   run; for step 3, (c) sits two blocks later.
+   run; for step 3, (c) sits two blocks later (or at the last block, if nearer).
 3. **Strength**, in units of the planted block's mean residual norm, on the grid 0.1, 0.15, 0.2, 0.3, 0.45, 0.7,
    1.0: the smallest at which plants (a) and (c) both clear the test subset's detection limit in prospect: z on
    dev × sqrt(16 / dev themes) of at least 2.8 (80% power at two-sided 0.05), and neither plant's own neutral
@@ -225,7 +225,7 @@ def main(argv=None):
     direction, h = choose_direction(costs, n_layers), half_depth_layer(n_layers)
     res = {"rule_version": 3, "n_layers": n_layers, "half_depth": h, "n_neutral": len(neutral_rows),
            "costs": {str(b): c for b, c in sorted(costs.items())}, "degenerate": degenerate, "direction": direction,
-           "blocks": {"a": h, "c": h + OFFSET_C}, "strengths": {}, "strength": None, "c_blocks": {}}
+           "blocks": {"a": h, "c": min(h + OFFSET_C, n_layers - 1)}, "strengths": {}, "strength": None, "c_blocks": {}}
     if direction is not None:
         base_eval = step(out / "base" / "eval_dev" / "summary.json", [
             "ablate_eval.py", "--model", args.model, "--out", out / "base" / "eval_dev", "--n-samples", "0",

@@ -8,6 +8,7 @@ and exit status 2, with nothing written.
 """
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -388,3 +389,44 @@ def test_plant_sweep_refuses_bad_counts():
 
     rc, err = run_main("plant_sweep.py", "--eval-pairs", "0")
     assert rc == 2 and err.strip() == "error: --fit-pairs, --eval-pairs and --test-pairs must be at least 1"
+
+
+def test_plant_sweep_runs_end_to_end_and_a_rerun_redoes_nothing(tmp_path, tiny_model_dir, monkeypatch):
+    """The whole sweep on the tiny model, its scripts run in this process. The rule's thresholds are opened up
+    (a random model's shifts mean nothing) so that every step runs: the flow, the files and the resume are what is
+    tested here; the rule itself is tested above."""
+    import importlib
+    import math
+
+    import plant_sweep as ps
+
+    calls = []
+
+    def in_process(cmd):
+        calls.append(cmd[0])
+        importlib.import_module(Path(cmd[0]).stem).main([str(a) for a in cmd[1:]])
+
+    monkeypatch.setattr(ps, "run_script", in_process)
+    monkeypatch.setattr(ps, "GRID", [0.5, 1.0])
+    monkeypatch.setattr(ps, "Z_NEEDED", -math.inf)
+    monkeypatch.setattr(ps, "COHERENCE_MAX_DROP", math.inf)
+    args = ["--model", str(tiny_model_dir), "--out", str(tmp_path / "sweep"), "--docs", str(tmp_path),
+            "--pairs", str(ROOT / "data/eval/contrastive_pairs.jsonl"), "--neutral",
+            str(ROOT / "data/eval/neutral.jsonl"), "--fit-pairs", "1", "--eval-pairs", "3"]
+    ps.main(args)
+    res = json.loads((tmp_path / "sweep" / "plant_sweep.json").read_text())
+    # 4 blocks: half depth 2; directions of blocks 1..n-3 = 1 are candidates; (c) may go to block 3 only
+    assert res["half_depth"] == 2 and sorted(res["costs"]) == ["0", "1", "2", "3"]
+    assert res["direction"] == 1 and res["strength"] == 0.5 and res["blocks"] == {"a": 2, "c": 3}
+    assert list(res["strengths"]) == ["0.5", "1"] and list(res["c_blocks"]) == ["3"]
+    cfg = json.loads((tmp_path / "sweep" / "plant_c_u1_L3_s0.5" / "run_config.json").read_text())["planted"]
+    assert cfg["blocks"] == [3] and cfg["u_source"]["layer"] == 1 and cfg["strength"] == 0.5
+    doc = (tmp_path / "plant_sweep.md").read_text()
+    assert "**Chosen direction: block 1's**" in doc and "**Chosen strength: 0.5**" in doc
+    assert "**Chosen block for (c): 3**" in doc
+    # plants: (a) and (c) fit at 0.5, both rescaled to 1; step 4's (c) at block 3 and 0.5 is step 3's, reused.
+    # evaluations: the cost scan, the base, those four plants
+    assert calls.count("plant_organism.py") == 4 and calls.count("ablate_eval.py") == 6
+    calls.clear()
+    ps.main(args)  # every output exists: nothing is run again, and the same choice comes out
+    assert calls == [] and json.loads((tmp_path / "sweep" / "plant_sweep.json").read_text())["strength"] == 0.5
