@@ -66,7 +66,8 @@ def train(args, name, data, flags):
     out = Path(args.out) / name
     if not (out / "adapter_model.safetensors").exists():
         extra = [] if "--preset" in flags else CHECKPOINTS
-        run_script(["train_rank1.py", "--model", args.model, "--data", data, "--out", str(out), "--resume", *flags, *extra])
+        run_script(["train_rank1.py", "--model", args.model, "--data", data, "--out", str(out), "--resume", *flags,
+                    *extra])
     return out
 
 

@@ -190,7 +190,8 @@ transformers.AutoConfig.from_pretrained(common.resolve_model('$MODEL')).num_hidd
   step "plant c" "$R/plant_c/adapter_model.safetensors" "$PY" plant_organism.py "${PLANT[@]}" \
     --direction "$R/base/directions.pt" --direction-layer "$U" --blocks "$C" --fit-from "$R/plant_a" \
     --out "$R/plant_c"
-  [ "$DRY" = 1 ] || printf '{"organism": "plant_a", "control": "plant_b", "comparisons": {"plant_c": "plant (c), same direction at block %s"}}\n' "$C" > "$R/roles.json"
+  [ "$DRY" = 1 ] || printf '{"organism": "plant_a", "control": "plant_b", "comparisons": {"plant_c": "%s"}}\n' \
+    "plant (c), same direction at block $C" > "$R/roles.json"
   acts plant_a acts_pairs.pt --adapter "$R/plant_a"
   step "model-diff direction plant_a" "$R/plant_a/directions_modeldiff.pt" "$PY" extract_direction.py \
     --acts "$R/plant_a/acts_pairs.pt" --minus "$R/base/acts_pairs.pt" --out "$R/plant_a/directions_modeldiff.pt" \
