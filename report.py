@@ -25,10 +25,10 @@ import re
 from importlib.metadata import version
 from pathlib import Path
 
-from common import (InputError, atomic_write, cli, degenerate_layers, fmt_ci, holm, load_pt, min_nulls, paired_by_id,
-                    read_directions, read_jsonl, read_pairs, seed_theme_bootstrap, theme_of, write_json)
+from common import (COHERENCE_MAX_DROP, InputError, atomic_write, cli, degenerate_layers, fmt_ci, holm, load_pt,
+                    min_nulls, paired_by_id, read_directions, read_jsonl, read_pairs, seed_theme_bootstrap, theme_of,
+                    write_json)
 
-COHERENCE_MAX_DROP = 0.15  # nats/token on neutral text (docs/method.md#em-in-miniature)
 ALPHA = 0.05
 MIN_NULLS = min_nulls(ALPHA)  # 20: with fewer, empirical_p can never fall below 0.05
 MIN_SEEDS = 3

@@ -143,8 +143,9 @@ fi
 # neutral text: interventions on test are judged on the first NEUTRAL_SUB items (at most 55), the steering choice on
 # dev on the second half (items 56-110), so no choice sees the items it is judged on
 NEUTRAL_INT=(--neutral "$R/neutral_subset.jsonl") NEUTRAL_DEV=(--neutral "$R/neutral_dev.jsonl")
-step "neutral subsets" "$R/neutral_dev.jsonl" "$PY" -c "import sys, common; rows = common.read_jsonl(sys.argv[1]); \
-n = min(int(sys.argv[4]) or 55, 55); common.write_jsonl(sys.argv[2], rows[:n]); common.write_jsonl(sys.argv[3], rows[55:55 + n])" \
+step "neutral subsets" "$R/neutral_dev.jsonl" "$PY" -c "import sys, common; \
+test, dev = common.neutral_parts(common.read_jsonl(sys.argv[1]), int(sys.argv[4])); \
+common.write_jsonl(sys.argv[2], test); common.write_jsonl(sys.argv[3], dev)" \
   "$NEUTRAL" "$R/neutral_subset.jsonl" "$R/neutral_dev.jsonl" "$NEUTRAL_SUB"
 EVAL_SET=(--pairs "$PAIRS" "${NEUTRAL_SET[@]}")
 [ "$SMALL" = 1 ] && EVAL_SET=("${SUBSET[@]}" "${NEUTRAL_INT[@]}")
