@@ -773,10 +773,12 @@ def steer(model, vectors, layers, scale):
 
 
 @contextlib.contextmanager
-def ablate(model, direction_or_per_layer, layers):
+def ablate(model, direction_or_per_layer, layers, spare=None):
     """Project the direction out of each chosen block's output: h <- h - (h.u)u with u the unit vector.
 
-    The projection is computed in fp32 so bf16 models still end with |h.u| ~ 0.
+    The projection is computed in fp32 so bf16 models still end with |h.u| ~ 0. spare (a diagnostic, never a
+    verdict's ablation): fn(fp32 hidden) -> bool mask of the tokens left untouched (bench/ablation_cost.py spares
+    the attention sinks).
     """
     per = _as_per_layer(direction_or_per_layer, layers, hidden_size(model))
     zero = [i for i, v in per.items() if not v.norm() > 1e-12]
@@ -787,7 +789,10 @@ def ablate(model, direction_or_per_layer, layers):
     def edit(i, h):
         u = per[i].to(h.device)
         hf = h.float()
-        return (hf - (hf @ u).unsqueeze(-1) * u).to(h.dtype)
+        p = hf @ u
+        if spare is not None:
+            p = p * ~spare(hf)
+        return (hf - p.unsqueeze(-1) * u).to(h.dtype)
 
     with _block_hooks(model, layers, edit):
         yield

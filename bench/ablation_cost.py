@@ -23,21 +23,21 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import (_block_hooks, answer_batches, answer_logprobs, causal_lm, decoder_layers, load_model,  # noqa: E402
+from common import (ablate, answer_batches, answer_logprobs, causal_lm, decoder_layers, load_model,  # noqa: E402
                     read_directions, read_jsonl, record_resid)
+
+
+def sinks(factor):
+    """The tokens whose residual norm is at least factor x the batch median (common.ablate's `spare`)."""
+    def spare(hf):
+        n = hf.norm(dim=-1)
+        return n >= factor * n.median()
+    return spare
 
 
 def cost(model, tok, items, base, u, layers, sink_factor):
     """Mean change of the answers' token log-prob with u projected out at `layers` (sinks kept if sink_factor)."""
-    def edit(i, h):
-        hf = h.float()
-        p = hf @ u
-        if sink_factor:
-            n = hf.norm(dim=-1)
-            p = p * (n < sink_factor * n.median())
-        return (hf - p.unsqueeze(-1) * u).to(h.dtype)
-
-    with _block_hooks(model, layers, edit):
+    with ablate(model, u, layers, spare=sinks(sink_factor) if sink_factor else None):
         lp = answer_logprobs(model, tok, items)
     return sum(a - b for a, b in zip(lp, base)) / len(lp)
 

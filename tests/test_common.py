@@ -83,6 +83,19 @@ def test_ablate_projection_zero_and_orthogonal_part_kept(tiny_model):
     torch.testing.assert_close(abl[0], bare[0] - (bare[0] @ u).unsqueeze(-1) * u, rtol=0, atol=1e-6)
 
 
+def test_ablate_spares_the_masked_tokens_exactly(tiny_model):
+    model, tok = tiny_model
+    v = torch.randn(64)
+    u = v / v.norm()
+    bare, _ = block_outputs(model, tok, TEXT, [0])
+    first = lambda hf: torch.arange(hf.shape[-2]) == 0  # noqa: E731  (spare the first token only)
+    with common.ablate(model, v, [0], spare=first):
+        abl, _ = block_outputs(model, tok, TEXT, [0])
+    torch.testing.assert_close(abl[0][..., 0, :], bare[0][..., 0, :], rtol=0, atol=0)
+    rest = bare[0][..., 1:, :]
+    torch.testing.assert_close(abl[0][..., 1:, :], rest - (rest @ u).unsqueeze(-1) * u, rtol=0, atol=1e-6)
+
+
 def test_ablate_per_layer_directions(tiny_model):
     model, tok = tiny_model
     vs = torch.randn(4, 64)
